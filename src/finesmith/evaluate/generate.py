@@ -1,0 +1,49 @@
+"""Batched greedy generation with left padding and the KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finesmith.data.tokenize import prompt_ids
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS plus whichever end-of-turn tokens the vocabulary has."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
+             max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers for each conversation (rendered with the generation prompt).
+
+    Prompts are sorted by length so each batch pads little; padding goes on the left and
+    is masked by the attention mask (pad may equal EOS, so never mask by id).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    stops = stop_token_ids(tokenizer)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in index)
+        ids = torch.full((len(index), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(index), width), dtype=torch.long)
+        for row, i in enumerate(index):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None)
+        for row, i in enumerate(index):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return answers
