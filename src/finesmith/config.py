@@ -148,16 +148,17 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 def from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
     if not isinstance(raw, dict):
-        raise FinesmithError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise FinesmithError(f"config: `{where}` must be a mapping of keys, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        full = f"{where}.{key}" if where != "config" else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(names)}"
-            raise FinesmithError(f"{where}: unknown key `{key}`{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where != "config" else key)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys here: {', '.join(names)}"
+            raise FinesmithError(f"config: unknown key `{full}`{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
     return cls(**kwargs)
 
 

@@ -29,10 +29,10 @@ def demo_data() -> tuple[str, str]:
 
 
 def demo_config(output: Path) -> TrainConfig:
-    """The demo's training settings: LoRA, two epochs, sized to run in minutes on a laptop CPU."""
+    """The demo's training settings: LoRA, one epoch, sized to run in minutes on a laptop CPU."""
     train_file, eval_file = demo_data()
     return TrainConfig(model=DEMO_MODEL, data=train_file, eval_data=eval_file, output=str(output),
-                       method="lora", epochs=2, lr=1e-3, batch_size=8, max_length=256, log_every=5,
+                       method="lora", epochs=1, lr=1e-3, batch_size=8, max_length=256, log_every=5,
                        lora=LoraSettings(r=16, alpha=32, dropout=0.0)).validate()
 
 
