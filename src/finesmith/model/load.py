@@ -91,6 +91,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
 
     print(f"Converting {gguf_path.name} to a cached safetensors model at {target} (first use only)...")
     folder, name = str(gguf_path.parent), gguf_path.name
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's per-tensor bar is noise here
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
