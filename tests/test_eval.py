@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import QA
 from finesmith.data.formats import Example
-from finesmith.evaluate.fewshot import few_shot_messages, select_shots
+from finesmith.evaluate.fewshot import ShotSelector, few_shot_messages
 from finesmith.evaluate.generate import generate
 from finesmith.evaluate.tasks import normalise_answer
 
@@ -26,14 +26,15 @@ def test_normalise_answer_first_line_case_and_space():
 
 
 def test_a_shot_never_equals_the_query():
-    for query in POOL:
-        for seed in range(5):
-            shots = select_shots(POOL, query, 3, seed)
-            assert len(shots) == 3 and all(s.messages != query.messages for s in shots)
+    for strategy in ("random", "balanced", "similar"):
+        for query in POOL:
+            for seed in range(5):
+                shots = ShotSelector(POOL, strategy, seed).select(query, 3)
+                assert len(shots) == 3 and all(s.messages != query.messages for s in shots)
 
 
 def test_shots_are_seeded():
-    assert select_shots(POOL, POOL[0], 3, 7) == select_shots(POOL, POOL[0], 3, 7)
+    assert ShotSelector(POOL, "random", 7).select(POOL[0], 3) == ShotSelector(POOL, "random", 7).select(POOL[0], 3)
 
 
 def test_shots_become_earlier_turns_after_the_system_prompt():

@@ -6,13 +6,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from finesmith import __version__
 from finesmith.config import METHODS
 from finesmith.errors import FinesmithError
 
+if TYPE_CHECKING:
+    from finesmith.evaluate.tasks import EvalOptions
+
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT during training: checkpoint saved, run with --resume to continue
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,60 +37,213 @@ def build_parser() -> Parser:
         "(e.g. lora.r=8), then the flags below."))
     train.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     train.add_argument("--model", help="built-in alias (smollm2-135m-instruct), model folder, .gguf file or hub id")
-    train.add_argument("--data", help="training JSONL: chat messages, Alpaca or prompt/completion")
+    train.add_argument("--data", help="training data (.jsonl/.json/.csv/.parquet, .txt/.md or a folder); sets data.path")
     train.add_argument("--eval-data", help="held-out JSONL for eval loss")
-    train.add_argument("--method", choices=METHODS, help="full: all weights; lora: low-rank adapters (default)")
+    train.add_argument("--method", choices=METHODS, help="full: all weights; lora: low-rank adapters (default); "
+                       "qlora: LoRA on a 4-bit base (CUDA); prompt_tuning, prefix_tuning: virtual tokens; "
+                       "ia3: learned scaling vectors")
     train.add_argument("--output", help="run folder to write")
-    train.add_argument("--epochs", type=float)
+    train.add_argument("--epochs", type=number_or_auto(float), help="passes over the data, or auto")
     train.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 lora, 2e-5 full)")
-    train.add_argument("--batch-size", type=int, help="examples per micro-batch")
+    train.add_argument("--lr", type=number_or_auto(float), help="peak learning rate, or auto (the method's default)")
+    train.add_argument("--batch-size", type=number_or_auto(int), help="examples per micro-batch, or auto")
     train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     train.add_argument("--max-length", type=int, help="max tokens per example")
     train.add_argument("--seed", type=int)
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check config and data, print the predicted memory and time, train nothing "
+                       "(exit non-zero when it would not fit)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its latest complete checkpoint")
+    train.add_argument("--skip-invalid", action="store_true", default=None,
+                       help="drop invalid examples (counted) instead of refusing; see max_invalid_fraction")
 
     ev = sub.add_parser("eval", help="measure answer accuracy on a held-out file")
     ev.add_argument("--model", required=True, help="base model, or a finesmith run folder")
     ev.add_argument("--adapter", help="LoRA adapter folder to put on --model")
     ev.add_argument("--data", required=True, help="held-out JSONL; the last assistant turn is the reference")
-    ev.add_argument("--shots", type=int, default=0, help="k examples placed as earlier chat turns")
-    ev.add_argument("--shots-from", help="JSONL to draw the shots from (usually the training file)")
     ev.add_argument("--output", help="write results JSON here")
-    ev.add_argument("--seed", type=int, default=42)
-    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--batch-size", type=int, default=16)
+    add_eval_options(ev)
+
+    cmp = sub.add_parser("compare", help="base model zero-shot and k-shot vs fine-tuned runs, as a report",
+                         description="Evaluate the base model (zero-shot, and k-shot with --shots) and each "
+                                     "fine-tuned RUN folder on the same held-out file; write DIR/report.md and "
+                                     "a self-contained DIR/report.html.")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="finesmith run folder (output of `finesmith train`)")
+    cmp.add_argument("--base", required=True, help="the base model the runs started from")
+    cmp.add_argument("--data", required=True, help="held-out file shared by every approach")
+    cmp.add_argument("--output", required=True, metavar="DIR", help="report folder")
+    add_eval_options(cmp)
+
+    add_export_and_serve_commands(sub)
+
+    add_data_commands(sub)
+
+    add_advise_command(sub)
 
     demo = sub.add_parser("demo", help="fine-tune the built-in model on the built-in task and compare")
     demo.add_argument("--output", default="runs/demo", help="folder for the demo run")
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """`finesmith data check` and `finesmith data scan`."""
+    data = sub.add_parser("data", help="check a data file, or scan it for sensitive data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    check = data_sub.add_parser("check", help="list every problem of a data file, with file:line, and its statistics")
+    check.add_argument("file", help="training data (.jsonl/.json/.csv/.parquet, .txt/.md or a folder)")
+    check.add_argument("--model", required=True, help="model whose tokenizer and chat template count the tokens")
+    check.add_argument("--max-length", type=int, default=1024, help="max tokens per example in training")
+    check.add_argument("--truncation", choices=("truncate", "drop"), default="truncate")
+    check.add_argument("--eval-data", help="held-out file: validated too, and checked for overlap")
+    check.add_argument("--show", type=int, default=0, metavar="N", help="render N examples with trained tokens highlighted")
+    check.add_argument("--format", default="auto", help="auto, chat, sharegpt, alpaca, prompt_completion, text or preference")
+    check.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
+                       help="read field NAME from COLUMN (repeatable), e.g. --field output=answer")
+    scan = data_sub.add_parser("scan", help="count sensitive data (PII, secrets) by kind with file:line, never the values")
+    scan.add_argument("file")
+    scan.add_argument("--redact", metavar="OUT", help="write a redacted copy to OUT (the input is left untouched)")
+    vocab = data_sub.add_parser("vocab", help="tokens per word on a corpus vs general English, and terms worth adding")
+    vocab.add_argument("corpus", help="folder (searched recursively) or file: .txt .md .html .pdf, or .jsonl with `text`")
+    vocab.add_argument("--model", required=True, help="model whose tokenizer is measured")
+    vocab.add_argument("--top", type=int, default=20, help="fragmented terms to list (and add for the saving estimate)")
+    vocab.add_argument("--output", help="write the report as JSON here")
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `eval` and `compare`; they fill `finesmith.evaluate.tasks.EvalOptions`."""
+    parser.add_argument("--task", default="auto", choices=("auto", "classification", "generation", "perplexity"),
+                        help="auto: classification when the references are a few repeated labels, else generation; "
+                             "perplexity for raw text")
+    parser.add_argument("--scoring", default="both", choices=("generate", "loglik", "both"),
+                        help="classification: greedy answers, label log-likelihood, or both")
+    parser.add_argument("--shots", type=int, default=0, help="k training examples shown before each query")
+    parser.add_argument("--shots-from", help="file to draw the shots from (usually the training file)")
+    parser.add_argument("--shot-strategy", default="random", choices=("random", "balanced", "similar"),
+                        help="random (seeded), balanced (round-robin over labels), similar (BM25 over prompts)")
+    parser.add_argument("--shot-format", default="chat", choices=("chat", "inline"),
+                        help="chat: shots as earlier turns; inline: worked examples in one user message")
+    parser.add_argument("--max-prompt-tokens", type=int, help="drop shots until each prompt fits (never cuts the query)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    """The evaluation flags as an `EvalOptions`."""
+    from finesmith.evaluate.tasks import EvalOptions
+
+    return EvalOptions(task=args.task, shots=args.shots, shot_strategy=args.shot_strategy, shot_format=args.shot_format,
+                       max_prompt_tokens=args.max_prompt_tokens, scoring=args.scoring, seed=args.seed,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+
+def number_or_auto(kind: type) -> Any:
+    """argparse type: a number of `kind`, or the word auto."""
+
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or auto, got '{text}'") from None
+
+    return parse
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from finesmith.config import load_config
     from finesmith.pipeline import train
 
     positional = list(args.config_and_overrides)
     path = positional.pop(0) if positional and "=" not in positional[0] else None
-    flags = {"model": args.model, "data": args.data, "eval_data": args.eval_data, "method": args.method,
+    flags = {"model": args.model, "data.path": args.data, "eval_data": args.eval_data, "method": args.method,
              "output": args.output, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
-             "seed": args.seed}
-    train(load_config(path, positional, flags), overwrite=args.overwrite)
+             "seed": args.seed, "skip_invalid": args.skip_invalid}
+    from finesmith.domain.stages import has_stages, run_stages
+    from finesmith.train.loop import Preempted
+
+    if has_stages(path):  # continued pre-training then instruction tuning, one stage after another
+        try:
+            run_stages(path, positional, overwrite=args.overwrite, flags=flags)
+        except Preempted as stopped:
+            sys.stderr.write(f"{stopped}; staged runs restart from the beginning (rerun with --overwrite)\n")
+            return EXIT_PREEMPTED
+        return 0
+    if args.dry_run:
+        from finesmith.pipeline import dry_run
+
+        dry_run(load_config(path, positional, flags))
+        return 0
+    from finesmith.train.loop import Preempted
+
+    try:
+        train(load_config(path, positional, flags), overwrite=args.overwrite, resume=args.resume)
+    except Preempted as stopped:
+        sys.stderr.write(f"{stopped}; continue with the same command plus --resume\n")
+        return EXIT_PREEMPTED
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from finesmith.pipeline import console
+
+    if args.data_command == "vocab":
+        from finesmith.domain.vocab import corpus_vocab_report, format_report
+
+        report = corpus_vocab_report(args.corpus, args.model, args.top)
+        console.print(format_report(report), markup=False)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+        return
+    if args.data_command == "scan":
+        from finesmith.data.pii import redact_file, scan_file
+        from finesmith.data.show import print_scan_report
+
+        report = redact_file(args.file, args.redact) if args.redact else scan_file(args.file)
+        print_scan_report(console, args.file, report)
+        if args.redact:
+            console.print(f"redacted copy written to {args.redact}; {args.file} is unchanged")
+        return
+    from finesmith.config import DataSettings, TrainConfig
+    from finesmith.data.show import data_check
+
+    fields = dict(item.partition("=")[::2] for item in args.field)
+    TrainConfig(model=args.model, output="-", max_length=args.max_length, truncation=args.truncation,
+                data=DataSettings(args.file, args.format, fields)).validate()  # same errors as train
+    report = data_check(args.file, args.model, args.max_length, args.format, fields, args.truncation,
+                        args.eval_data, args.show, console)
+    if not report.ok:
+        raise FinesmithError(f"{args.file}: not trainable ({len(report.errors)} errors, listed above); fix them "
+                             "or train with --skip-invalid")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from finesmith.evaluate.report import print_result
     from finesmith.pipeline import console, evaluate
 
-    result = evaluate(args.model, args.data, args.adapter, args.shots, args.shots_from, args.seed,
-                      args.limit, args.max_new_tokens, args.batch_size)
-    console.print(f"accuracy {result.accuracy:.3f} ({sum(p['correct'] for p in result.predictions)}/{result.n}) "
-                  f"· {args.shots}-shot · {args.data}")
+    result = evaluate(args.model, args.data, args.adapter, args.shots_from, eval_options(args), args.limit)
+    print_result(console, result, f"{result.task} · {args.shots}-shot · {args.data}")
+    if result.accuracy is not None:
+        console.print(f"accuracy {result.accuracy:.3f} ({round(result.accuracy * result.n)}/{result.n}) "
+                      f"· {args.shots}-shot · {args.data}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
         console.print(f"results written to {args.output}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from finesmith.evaluate.compare import compare
+    from finesmith.pipeline import console
+
+    compare(args.data, args.base, args.runs, Path(args.output), args.shots_from, eval_options(args), args.limit)
+    console.print(f"report written to {Path(args.output) / 'report.md'} and {Path(args.output) / 'report.html'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -95,7 +252,85 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
+    """`export`, `chat` and `serve`: use a trained run outside finesmith."""
+    from finesmith.export import FORMATS, QUANTS
+
+    exp = sub.add_parser("export", help="write a run as a merged model, an adapter or a GGUF file",
+                         description="Export a run folder with a model card; --verify reloads the export and "
+                                     "compares its logits (and for GGUF its greedy output and tokens) with the run.")
+    exp.add_argument("run", metavar="RUN", help="finesmith run folder (output of `finesmith train`)")
+    exp.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
+                     help="hf: merged safetensors model; adapter: PEFT folder; gguf: llama.cpp file (Llama models)")
+    exp.add_argument("--quant", default="f16", choices=QUANTS, help="GGUF matrix encoding (default f16)")
+    exp.add_argument("--output", required=True, metavar="DIR", help="folder to create")
+    exp.add_argument("--verify", action="store_true", help="check the export numerically; exit 1 if out of tolerance")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+
+    for name, text in (("chat", "talk to a run in the terminal"), ("serve", "serve a run over an OpenAI-compatible API")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("run", metavar="RUN", help="run folder, exported model folder, .gguf file or built-in alias")
+    chat = sub.choices["chat"]
+    chat.add_argument("--system", help="system prompt for the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    serve = sub.choices["serve"]
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from finesmith.export.run import export_run
+
+    result = export_run(args.run, args.fmt, args.output, args.quant, args.verify, args.overwrite)
+    for check in result.checks:
+        print(check.line())
+    print(f"exported {args.run} as {args.fmt} to {result.output}: {', '.join(result.files)}")
+    if not result.ok:
+        sys.stderr.write("error: the export differs from the run beyond tolerance (see FAIL lines above)\n")
+        return 1
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from finesmith.serve.chat import run_chat
+    from finesmith.serve.engine import Sampling
+
+    run_chat(args.run, args.system, Sampling(args.max_new_tokens, args.temperature), sys.stdin, sys.stdout, sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from finesmith.serve.server import serve
+
+    serve(args.run, args.host, args.port, args.api_key)
+
+
+def add_advise_command(sub: argparse._SubParsersAction) -> None:
+    from finesmith.advise.rules import GOALS, TASKS
+
+    advise = sub.add_parser("advise", help="recommend an approach for this machine, model and data", description=(
+        "Size few-shot prompting, prompt tuning, LoRA, QLoRA, full fine-tuning and continued pre-training "
+        "for this machine, model and data; recommend one and optionally write its config."))
+    advise.add_argument("--model", required=True, help="built-in alias, model folder, .gguf file or hub id")
+    advise.add_argument("--data", required=True, help="training data file")
+    advise.add_argument("--task", choices=TASKS, default="generation", help="what the model must do (default generation)")
+    advise.add_argument("--goal", choices=GOALS, default="balanced", help="quality vs cost (default balanced)")
+    advise.add_argument("--gpu-memory", type=float, metavar="GB", help="plan for a GPU with this much memory")
+    advise.add_argument("--time-budget", type=float, metavar="H", help="longest acceptable training time in hours")
+    advise.add_argument("--calibrate", action="store_true", help="time 3 real LoRA steps on this machine")
+    advise.add_argument("--write-config", metavar="PATH", help="write a ready-to-run YAML config for the recommendation")
+
+
+def cmd_advise(args: argparse.Namespace) -> None:
+    from finesmith.advise.report import AdviseRequest, advise
+
+    advise(AdviseRequest(args.model, args.data, args.task, args.goal, args.gpu_memory, args.time_budget,
+                         args.calibrate, args.write_config))
+
+
+COMMANDS = {"train": cmd_train, "advise": cmd_advise, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data,
+            "export": cmd_export, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def quiet_libraries() -> None:
@@ -114,14 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except FinesmithError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

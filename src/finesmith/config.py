@@ -17,9 +17,13 @@ from typing import Any
 
 import yaml
 
+from finesmith.data.formats import FIELD_NAMES, FORMATS
 from finesmith.errors import FinesmithError
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "ia3")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
 
 
@@ -31,6 +35,37 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (steadier at high rank)
+    use_dora: bool = False  # weight-decomposed LoRA (magnitude + direction)
+    modules_to_save: list[str] | None = None  # also train full copies, e.g. [embed_tokens, lm_head] for new tokens
+
+
+@dataclass
+class FullSettings:
+    """Full fine-tuning settings (used when `method: full`)."""
+
+    freeze_embeddings: bool = False  # keep input embeddings fixed (a tied LM head stays fixed too)
+    freeze_layers: int = 0  # keep the first N transformer blocks fixed
+
+
+@dataclass
+class PromptSettings:
+    """Virtual-token settings (used when `method: prompt_tuning` or `prefix_tuning`)."""
+
+    virtual_tokens: int = 20
+
+
+@dataclass
+class DataSettings:
+    """Where the training data is and how to read it. `data: file.jsonl` is short for `data: {path: file.jsonl}`."""
+
+    path: str = ""  # .jsonl, .json, .csv, .parquet, .txt/.md, a folder of documents, or a hub dataset id
+    format: str = "auto"  # auto | chat | sharegpt | alpaca | prompt_completion | text | preference
+    fields: dict[str, str] = field(default_factory=dict)  # canonical field -> your column, e.g. {output: answer}
+
+
+# Sections that may be written as one scalar, meaning the named key of the section.
+SHORTHANDS = {"data": "path"}
 
 
 @dataclass
@@ -38,14 +73,19 @@ class TrainConfig:
     """Everything a training run needs. Every key can be set in YAML or as `key=value`."""
 
     model: str = ""  # built-in alias, local folder, .gguf file or hub id
-    data: str = ""  # training JSONL (chat, Alpaca or prompt/completion)
+    data: DataSettings = field(default_factory=DataSettings)  # training data (a path, or path/format/fields)
     output: str = ""  # run folder: metrics.jsonl, weights, tokenizer, config.yaml
     eval_data: str | None = None  # held-out JSONL: eval loss during training, accuracy after
-    method: str = "lora"  # full | lora
-    epochs: float = 3.0
+    skip_invalid: bool = False  # drop invalid examples (counted) instead of refusing to train
+    max_invalid_fraction: float = 0.1  # with skip_invalid: abort when more than this share is invalid
+    refuse_pii: bool = False  # refuse to train when `finesmith data scan` would find sensitive data
+    method: str = "lora"  # full | lora | qlora | prompt_tuning | prefix_tuning | ia3
+    epochs: float | str = 3.0  # or auto: from the dataset size
     max_steps: int | None = None  # overrides epochs when set
-    lr: float | None = None  # None: 2e-4 for lora, 2e-5 for full
-    batch_size: int = 8  # examples per micro-batch (packed into one padding-free row)
+    lr: float | str | None = None  # None or auto: the method's default (see resolved_lr)
+    batch_size: int | str = 8  # examples per micro-batch (packed into one padding-free row), or auto
+    packing: bool = False  # micro-batch = one best-fit-decreasing bin of at most pack_tokens tokens
+    pack_tokens: int | None = None  # token budget per packed micro-batch (default: max_length)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 1024  # tokens per example
     truncation: str = "truncate"  # truncate | drop: what to do with longer examples
@@ -55,32 +95,68 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     log_every: int = 5  # optimizer steps between metric lines
     eval_every: int = 0  # optimizer steps between eval-loss measurements (0: only at the end)
+    sample_prompts: int = 0  # at each eval, greedy answers for the first N eval prompts -> samples.jsonl
+    sample_max_new_tokens: int = 32
+    early_stopping_patience: int = 0  # stop after N evals without a lower eval loss (0: never)
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept (the best by eval loss is kept as well)
+    max_bad_steps: int = 5  # consecutive non-finite losses/gradients that stop the run
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (the 8-bit ones need CUDA + bitsandbytes)
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow (metrics.jsonl always)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    full: FullSettings = field(default_factory=FullSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
 
     def resolved_lr(self) -> float:
         """The learning rate in effect: the user's, or the method's well-tried default."""
-        if self.lr is not None:
+        if isinstance(self.lr, float):
             return self.lr
-        return 2e-4 if self.method == "lora" else 2e-5
+        return DEFAULT_LR[self.method]
+
+    def resolved_pack_tokens(self) -> int:
+        return self.pack_tokens or self.max_length
 
     def validate(self) -> "TrainConfig":
         """Check values a type check cannot; return self for chaining."""
         for key in ("model", "data", "output"):
-            if not getattr(self, key):
+            if not _get(self, "data.path" if key == "data" else key):
                 raise FinesmithError(f"config: `{key}` is required; set it with --{key} or `{key}: ...` in the YAML file")
         _choice("method", self.method, METHODS)
+        _choice("data.format", self.data.format, FORMATS)
+        for name in self.data.fields:
+            _choice(f"data.fields.{name}", name, FIELD_NAMES)
+        if not 0 <= self.max_invalid_fraction <= 1:
+            raise FinesmithError(f"config: `max_invalid_fraction` must be in [0, 1], got {self.max_invalid_fraction}")
         _choice("truncation", self.truncation, TRUNCATION_POLICIES)
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "max_length": self.max_length, "log_every": self.log_every,
-                    "lora.r": self.lora.r}
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for tracker in self.report_to:
+            _choice("report_to", tracker, TRACKERS)
+        for key in ("epochs", "batch_size", "lr"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != AUTO:
+                raise FinesmithError(f"config: `{key}` must be a number or auto, got '{value}'")
+        positive = {"grad_accum": self.grad_accum, "max_length": self.max_length, "log_every": self.log_every,
+                    "lora.r": self.lora.r, "keep_checkpoints": self.keep_checkpoints,
+                    "max_bad_steps": self.max_bad_steps, "prompt.virtual_tokens": self.prompt.virtual_tokens}
+        if isinstance(self.batch_size, int):
+            positive["batch_size"] = self.batch_size
+        if self.pack_tokens is not None:
+            positive["pack_tokens"] = self.pack_tokens
         for key, value in positive.items():
             if value < 1:
                 raise FinesmithError(f"config: `{key}` must be at least 1, got {value}")
+        for key in ("save_every", "eval_every", "sample_prompts", "early_stopping_patience", "full.freeze_layers"):
+            if _get(self, key) < 0:
+                raise FinesmithError(f"config: `{key}` must be 0 or more, got {_get(self, key)}")
+        if self.packing and self.method in PROMPT_METHODS:
+            raise FinesmithError(f"config: `packing` does not work with {self.method} (virtual tokens are prepended "
+                                 "to every example); set packing: false")
         if self.max_steps is not None and self.max_steps < 1:
             raise FinesmithError(f"config: `max_steps` must be at least 1, got {self.max_steps}")
-        if self.epochs <= 0:
+        if isinstance(self.epochs, float) and self.epochs <= 0:
             raise FinesmithError(f"config: `epochs` must be positive, got {self.epochs}")
-        if self.lr is not None and not 0 < self.lr < 1:
+        if isinstance(self.lr, float) and not 0 < self.lr < 1:
             raise FinesmithError(f"config: `lr` must be between 0 and 1, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise FinesmithError(f"config: `warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
@@ -88,6 +164,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
+# Peak learning rates that work for each method at typical batch sizes; virtual tokens and
+# IA3 vectors are few parameters and need far larger steps than weights or LoRA matrices.
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2}
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -139,6 +227,8 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
+        if part in SHORTHANDS and node is raw and isinstance(node.get(part), str):
+            node[part] = {SHORTHANDS[part]: node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise FinesmithError(f"config: `{part}` is not a section, so `{key}` cannot be set")
@@ -164,6 +254,8 @@ def from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
+        if key in SHORTHANDS and isinstance(value, str):
+            value = {SHORTHANDS[key]: value}
         return from_dict(hint, value or {}, where=key)
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
     if value is None:
@@ -175,16 +267,29 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             continue
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and _is_float(value):
+            return float(value)  # YAML 1.1 reads `2e-4` (no dot) as a string
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
+        if typing.get_origin(option) is dict and isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
         if option is bool and isinstance(value, bool):
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
     raise FinesmithError(f"config: `{key}` must be {wanted}, got {value!r}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

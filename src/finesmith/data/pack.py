@@ -7,6 +7,7 @@ SDPA/eager attention paths: tokens would still attend to earlier examples in the
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -50,3 +51,60 @@ def block_causal_mask(seq_lens: torch.Tensor) -> torch.Tensor:
     total = int(seq_lens.sum())
     causal = torch.ones(total, total, dtype=torch.bool).tril()
     return causal & (doc[:, None] == doc[None, :])
+
+
+def pack_bins(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Best-fit-decreasing: group example indices into bins of at most `budget` tokens.
+
+    Longest examples are placed first, each into the fullest bin that still has room, so
+    few bins are left half empty. Within a bin, indices keep their order in `lengths`
+    (the caller's shuffle), and bins come out in order of creation.
+
+    Args:
+        lengths: tokens per example.
+        budget: most tokens per bin; an example longer than this gets a bin of its own.
+    Returns:
+        A list of bins, each a list of indices into `lengths`.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), kept sorted for bisection
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))  # least room that still fits = fullest bin
+        if at == len(free):
+            bins.append([i])
+            bisect.insort(free, (budget - lengths[i], len(bins) - 1))
+        else:
+            room, b = free.pop(at)
+            bins[b].append(i)
+            bisect.insort(free, (room - lengths[i], b))
+    return [sorted(b) for b in bins]
+
+
+def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], budget: int) -> float:
+    """Real tokens divided by the slots the bins offer (bins × budget)."""
+    return sum(lengths) / max(1, len(bins) * budget)
+
+
+def pad_batch(examples: Sequence[TokenizedExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded rectangle with a 2-D attention mask, for methods that prepend virtual tokens.
+
+    Prompt and prefix tuning add tokens in front of every row inside the model's forward,
+    which a packed row (several examples sharing one position stream) cannot express.
+
+    Returns:
+        input_ids, attention_mask, targets: `[B, T]` (targets shifted as in `pack_batch`,
+            -100 on padding); seq_lens: `[B]`.
+    """
+    width = max(len(ex) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        mask[row, :n] = 1
+        targets[row, : n - 1] = torch.tensor(
+            [ex.input_ids[t + 1] if ex.supervised[t + 1] else IGNORE for t in range(n - 1)], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "targets": targets,
+            "seq_lens": torch.tensor([len(ex) for ex in examples])}

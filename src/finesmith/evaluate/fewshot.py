@@ -1,28 +1,135 @@
-"""Few-shot prompts: k training examples placed as earlier chat turns."""
+"""Few-shot prompts: which training examples to show, and how to show them.
+
+Strategies: `random` (seeded per query), `balanced` (round-robin over answer labels, so
+every label is shown before any repeats) and `similar` (BM25 over the training prompts,
+most similar last, i.e. closest to the query). Shots become earlier chat turns (`chat`)
+or one user message with worked examples (`inline`). A token budget drops shots, least
+useful first, and never cuts the query itself.
+"""
 
 from __future__ import annotations
 
 import random
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from finesmith.data.formats import Example
+from finesmith.data.tokenize import prompt_ids
+from finesmith.errors import FinesmithError
+
+STRATEGIES = ("random", "balanced", "similar")
+SHOT_FORMATS = ("chat", "inline")
 
 
-def select_shots(pool: Sequence[Example], query: Example, k: int, seed: int) -> list[Example]:
-    """k examples drawn (seeded per query) from `pool`, never the query itself."""
-    if k <= 0:
-        return []
-    candidates = [ex for ex in pool if ex.messages != query.messages]
-    rng = random.Random(f"{seed}:{query.source}")
-    return rng.sample(candidates, min(k, len(candidates)))
+def prompt_text(example: Example) -> str:
+    """The non-system prompt text of an example (what similarity is measured on)."""
+    return "\n".join(m["content"] for m in example.prompt_messages if m["role"] != "system")
 
 
-def few_shot_messages(query: Example, shots: Sequence[Example]) -> list[dict[str, Any]]:
-    """The query's prompt with each shot's turns (minus system messages) placed before it."""
+def bm25_tokens(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+class ShotSelector:
+    """Picks k shots for a query from a pool; the query itself is never among them.
+
+    Args:
+        pool: training examples to draw from.
+        strategy: one of `STRATEGIES`.
+        seed: seeds the random choices (per query, so results do not depend on order).
+    """
+
+    def __init__(self, pool: Sequence[Example], strategy: str = "random", seed: int = 42) -> None:
+        if strategy not in STRATEGIES:
+            raise FinesmithError(f"unknown shot strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        self.pool, self.strategy, self.seed = list(pool), strategy, seed
+        self._bm25 = None
+        if strategy == "similar" and self.pool:
+            from rank_bm25 import BM25Okapi
+
+            self._bm25 = BM25Okapi([bm25_tokens(prompt_text(ex)) or [""] for ex in self.pool])
+
+    def select(self, query: Example, k: int) -> list[Example]:
+        """Up to k shots for `query`, ordered so the most useful one comes last."""
+        if k <= 0:
+            return []
+        allowed = [i for i, ex in enumerate(self.pool) if not same_prompt(ex, query)]
+        rng = random.Random(f"{self.seed}:{query.source}")
+        if self.strategy == "similar":
+            return [self.pool[i] for i in reversed(self._most_similar(query, allowed, k))]
+        if self.strategy == "balanced":
+            return [self.pool[i] for i in balanced_choice(self.pool, allowed, k, rng)]
+        return [self.pool[i] for i in rng.sample(allowed, min(k, len(allowed)))]
+
+    def _most_similar(self, query: Example, allowed: list[int], k: int) -> list[int]:
+        scores = self._bm25.get_scores(bm25_tokens(prompt_text(query)))
+        # Ties (e.g. no shared words) fall back to pool order, which keeps this deterministic.
+        return sorted(allowed, key=lambda i: (-scores[i], i))[:k]
+
+
+def same_prompt(a: Example, b: Example) -> bool:
+    """True when two examples ask the same thing (a shot must never give the query away)."""
+    return a.messages == b.messages or a.prompt_messages == b.prompt_messages
+
+
+def balanced_choice(pool: Sequence[Example], allowed: list[int], k: int, rng: random.Random) -> list[int]:
+    """k pool indices taking one example per label in turn (labels in seeded order)."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i in allowed:
+        by_label[pool[i].answer.strip()].append(i)
+    labels = sorted(by_label)
+    rng.shuffle(labels)
+    for members in by_label.values():
+        rng.shuffle(members)
+    chosen: list[int] = []
+    while len(chosen) < min(k, len(allowed)):
+        for label in labels:
+            if by_label[label] and len(chosen) < k:
+                chosen.append(by_label[label].pop())
+    rng.shuffle(chosen)  # label order in the prompt should not hint at the answer
+    return chosen
+
+
+def few_shot_messages(query: Example, shots: Sequence[Example], shot_format: str = "chat") -> list[dict[str, Any]]:
+    """The query's prompt with the shots in front of it.
+
+    `chat`: each shot's turns (minus system messages) as earlier turns after the system
+    prompt. `inline`: one user message listing the shots as `Input:`/`Output:` pairs, then
+    the query's input.
+    """
     prompt = query.prompt_messages
     system = [m for m in prompt[:1] if m["role"] == "system"]
+    rest = [{"role": m["role"], "content": m["content"]} for m in prompt[len(system):]]
+    if not shots:
+        return system + rest
+    if shot_format == "inline":
+        blocks = [f"Input: {prompt_text(shot)}\nOutput: {shot.answer}" for shot in shots]
+        head = "Examples:\n\n" + "\n\n".join(blocks) + "\n\nNow answer this one.\nInput: "
+        return system + rest[:-1] + [{"role": rest[-1]["role"], "content": head + rest[-1]["content"]}]
+    if shot_format != "chat":
+        raise FinesmithError(f"unknown shot format {shot_format!r}; use one of {', '.join(SHOT_FORMATS)}")
     turns: list[dict[str, Any]] = []
     for shot in shots:
         turns.extend({"role": m["role"], "content": m["content"]} for m in shot.messages if m["role"] != "system")
-    return system + turns + prompt[len(system):]
+    return system + turns + rest
+
+
+def budgeted_prompt(tokenizer: Any, query: Example, shots: Sequence[Example], shot_format: str,
+                    max_prompt_tokens: int | None) -> tuple[list[dict[str, Any]], int]:
+    """The few-shot prompt, dropping shots (farthest from the query first) to fit the budget.
+
+    The query is never shortened: if it alone exceeds the budget it is kept whole with no shots.
+
+    Returns:
+        (messages, number of shots kept).
+    """
+    kept = list(shots)
+    messages = few_shot_messages(query, kept, shot_format)
+    if max_prompt_tokens is None:
+        return messages, len(kept)
+    while kept and len(prompt_ids(tokenizer, messages)) > max_prompt_tokens:
+        kept = kept[1:]
+        messages = few_shot_messages(query, kept, shot_format)
+    return messages, len(kept)

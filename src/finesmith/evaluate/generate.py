@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from finesmith.data.tokenize import prompt_ids
 
@@ -19,6 +20,12 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def eval_progress() -> Progress:
+    """A progress bar for evaluation passes (cleared when done, so results stay readable)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=True)
+
+
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
              max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
@@ -28,22 +35,32 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]
     is masked by the attention mask (pad may equal EOS, so never mask by id).
     """
     model.eval()
-    device = next(model.parameters()).device
     encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     stops = stop_token_ids(tokenizer)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in index)
-        ids = torch.full((len(index), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(index), width), dtype=torch.long)
-        for row, i in enumerate(index):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None)
-        for row, i in enumerate(index):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    with eval_progress() as progress:
+        task = progress.add_task("generating", total=len(order))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            batch = generate_batch(model, tokenizer, [encoded[i] for i in index], stops, max_new_tokens)
+            for i, answer in zip(index, batch):
+                answers[i] = answer
+            progress.advance(task, len(index))
     return answers
+
+
+def generate_batch(model: Any, tokenizer: Any, encoded: list[list[int]], stops: list[int],
+                   max_new_tokens: int) -> list[str]:
+    """Greedy answers for one batch of token prompts, left-padded to a common width."""
+    device = next(model.parameters()).device
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, prompt in enumerate(encoded):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=stops,
+                         pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None)
+    return [tokenizer.decode(out[row, width:], skip_special_tokens=True).strip() for row in range(len(encoded))]

@@ -1,14 +1,20 @@
-"""The training loop: one loop for every method, packed batches, exact accumulation."""
+"""The training loop: one loop for every method, packed batches, exact accumulation.
+
+Around the step itself the loop calls small helpers: checkpoints (`checkpoint.py`),
+metrics (`tracking.py`), a signal guard that turns SIGTERM/SIGINT into "finish the step,
+save, exit", and a guard against non-finite numbers that skips such steps.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import itertools
 import math
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +22,17 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from finesmith.data.pack import IGNORE, pack_batch
+from finesmith.data.pack import IGNORE, pack_batch, pack_bins
 from finesmith.data.tokenize import TokenizedExample
+from finesmith.errors import FinesmithError
+from finesmith.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from finesmith.train.objectives import sft_loss
 from finesmith.train.optim import build_optimizer, warmup_cosine
+from finesmith.train.tracking import MetricsLog
 
 Objective = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+Collate = Callable[[Sequence[TokenizedExample]], dict[str, torch.Tensor]]
+EvalHook = Callable[[Any, int], None]
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,7 @@ class LoopSettings:
 
     lr: float
     total_steps: int
-    batch_size: int = 8
+    batch_size: int = 8  # examples per micro-batch (ignored when packing)
     grad_accum: int = 1
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -38,15 +49,39 @@ class LoopSettings:
     seed: int = 42
     log_every: int = 5
     eval_every: int = 0
+    packing: bool = False  # micro-batch = one best-fit-decreasing bin of <= pack_tokens tokens
+    pack_tokens: int = 1024
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+    early_stopping_patience: int = 0
+    optimizer: str = "adamw"
+    report_to: tuple[str, ...] = ()
 
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # optimizer steps completed (fewer than planned after early stopping)
     final_loss: float
     eval_loss: float | None
     tokens_per_second: float
     seconds: float
+    step_losses: list[float] = field(default_factory=list)  # mean loss of each step this call ran
+    skipped_steps: int = 0  # steps skipped because of non-finite numbers (whole run)
+    stopped_early: bool = False
+    checkpoint: Path | None = None
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was saved."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped by a signal after step {step}; checkpoint saved to {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainingDiverged(FinesmithError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def seed_everything(seed: int) -> None:
@@ -55,18 +90,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum))
+def steps_per_epoch(n_micro_batches: int, grad_accum: int) -> int:
+    return max(1, math.ceil(n_micro_batches / grad_accum))
 
 
-def micro_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int) -> Iterator[list[TokenizedExample]]:
-    """Endless stream of micro-batches; each epoch is a fresh seeded shuffle."""
-    epoch = 0
-    while True:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(0, len(order), batch_size):
-            yield [examples[i] for i in order[start:start + batch_size]]
-        epoch += 1
+def micro_batches(examples: Sequence[TokenizedExample], settings: LoopSettings) -> Iterator[list[TokenizedExample]]:
+    """Endless stream of micro-batches; each epoch is a fresh seeded shuffle.
+
+    Without packing a micro-batch is `batch_size` consecutive examples of the shuffle; with
+    packing it is one best-fit-decreasing bin, and the bins are shuffled too (BFD emits them
+    longest-first). The stream depends only on the seed, so a resumed run finds its place by
+    skipping the micro-batches it already trained on.
+    """
+    for epoch in itertools.count():
+        generator = torch.Generator().manual_seed(settings.seed + epoch)
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        if settings.packing:
+            bins = pack_bins([len(examples[i]) for i in order], settings.pack_tokens)
+            for b in torch.randperm(len(bins), generator=generator).tolist():
+                yield [examples[order[i]] for i in bins[b]]
+        else:
+            for start in range(0, len(order), settings.batch_size):
+                yield [examples[i] for i in order[start:start + settings.batch_size]]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -80,73 +125,198 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+class StopSignal:
+    """Within `with StopSignal() as stop:`, SIGTERM/SIGINT set `stop.requested` instead of killing.
+
+    The loop checks the flag between steps, so a preempted job ends with a checkpoint. A
+    second SIGINT (Ctrl-C twice) interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        with contextlib.suppress(ValueError):  # signals can only be caught in the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class _Window:
+    """Running sums between two metric lines."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    real: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
 def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, output: Path,
-        eval_set: Sequence[TokenizedExample] | None = None, objective: Objective = sft_loss) -> TrainResult:
+        eval_set: Sequence[TokenizedExample] | None = None, objective: Objective = sft_loss,
+        collate: Collate = pack_batch, resume: bool = False, on_eval: EvalHook | None = None,
+        run_config: dict[str, Any] | None = None) -> TrainResult:
     """Train `model` in place for `settings.total_steps` optimizer steps.
 
-    Each optimizer step sums token losses over `grad_accum` packed micro-batches and
-    divides once by the number of supervised tokens in the step. Metrics are appended to
-    `output/metrics.jsonl`.
+    Each optimizer step sums token losses over `grad_accum` micro-batches and divides once
+    by the number of supervised tokens in the step. A step whose loss or gradient norm is
+    not finite is skipped (weights and optimizer untouched); `max_bad_steps` of them in a
+    row raise TrainingDiverged.
+
+    Args:
+        model: the model to train (any method).
+        train, eval_set: tokenized examples.
+        settings: loop settings.
+        output: run folder for metrics.jsonl and checkpoints/.
+        objective, collate: loss function and the batch layout it expects.
+        resume: continue from the latest complete checkpoint in `output`.
+        on_eval: called as `on_eval(model, step)` after each eval (e.g. to write samples).
+        run_config: the resolved config, passed to trackers.
+    Returns:
+        A TrainResult. Raises Preempted after saving a checkpoint when a stop signal arrives.
     """
     device = next(model.parameters()).device
     seed_everything(settings.seed)
-    optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+    optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.optimizer)
     scheduler = warmup_cosine(optimizer, settings.total_steps, settings.warmup_steps)
-    stream = micro_batches(train, settings.batch_size, settings.seed)
-    output.mkdir(parents=True, exist_ok=True)
-    metrics_path = output / "metrics.jsonl"
+    state = TrainerState(step=0, micro_batches=0)
+    if resume:
+        state = load_checkpoint(latest_checkpoint(output), model, optimizer, scheduler)
+    stream = itertools.islice(micro_batches(train, settings), state.micro_batches, None)
+    log = MetricsLog(output, list(settings.report_to), run_config or {}, state.step if resume else None)
+    save = lambda: save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints)  # noqa: E731
+    result = TrainResult(state.step, float("nan"), state.eval_loss, 0.0, 0.0, skipped_steps=state.bad_steps)
+    window, started, all_tokens = _Window(), time.perf_counter(), 0
     model.train()
-    window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
-    started, all_tokens, final_loss, eval_loss = time.perf_counter(), 0, float("nan"), None
-    with _progress() as progress, metrics_path.open("a", encoding="utf-8") as log:
-        task = progress.add_task("training", total=settings.total_steps, info="")
-        for step in range(1, settings.total_steps + 1):
-            batches = [pack_batch(next(stream)) for _ in range(settings.grad_accum)]
-            step_tokens = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-            step_loss = torch.zeros((), device=device)
-            for batch in batches:
-                with autocast(device):
-                    loss_sum, _ = objective(model, to_device(batch, device))
-                (loss_sum / max(1, step_tokens)).backward()
-                step_loss += loss_sum.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            real = sum(int(b["input_ids"].numel()) for b in batches)
-            window_loss, window_tokens, window_real = window_loss + step_loss, window_tokens + step_tokens, window_real + real
-            all_tokens += real
-            if step % settings.log_every == 0 or step == settings.total_steps:
-                # The only host sync of the loop: once per logging interval.
-                elapsed = time.perf_counter() - window_start
-                final_loss = float(window_loss) / max(1, window_tokens)
-                record = {"step": step, "loss": round(final_loss, 5), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(window_real / elapsed, 1),
-                          "elapsed_s": round(time.perf_counter() - started, 2)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                progress.update(task, info=f"loss {final_loss:.4f} · {record['tokens_per_s']:.0f} tok/s")
-                window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
-            if eval_set and ((settings.eval_every and step % settings.eval_every == 0) or step == settings.total_steps):
-                eval_loss = evaluate_loss(model, eval_set, settings.batch_size, objective)
-                log.write(json.dumps({"step": step, "eval_loss": round(eval_loss, 5)}) + "\n")
-                log.flush()
-                model.train()
-            progress.advance(task)
-    seconds = time.perf_counter() - started
-    return TrainResult(settings.total_steps, final_loss, eval_loss, all_tokens / seconds, seconds)
+    try:
+        with _progress() as progress, StopSignal() as stop:
+            task = progress.add_task("training", total=settings.total_steps, completed=state.step, info="")
+            while state.step < settings.total_steps:
+                batches = [collate(next(stream)) for _ in range(settings.grad_accum)]
+                state.step += 1
+                state.micro_batches += settings.grad_accum
+                loss, grad_norm, tokens, real = train_step(model, batches, objective, optimizer, settings, device)
+                scheduler.step()
+                all_tokens += real
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    _count_bad_step(state, log, output, settings, loss, grad_norm)
+                else:
+                    state.bad_in_a_row = 0
+                    window.loss, window.tokens, window.real = window.loss + loss * tokens, window.tokens + tokens, window.real + real
+                    result.step_losses.append(loss)
+                last = state.step == settings.total_steps
+                if state.step % settings.log_every == 0 or last:
+                    result.final_loss = _log_window(log, window, state.step, scheduler, grad_norm, started, progress, task)
+                    window = _Window()
+                if eval_set and ((settings.eval_every and state.step % settings.eval_every == 0) or last):
+                    _evaluate(model, eval_set, settings, objective, collate, state, log, on_eval)
+                    result.eval_loss = state.eval_loss
+                    result.stopped_early = bool(settings.early_stopping_patience and
+                                                state.evals_without_improvement >= settings.early_stopping_patience)
+                if last or result.stopped_early or stop.requested or (
+                        settings.save_every and state.step % settings.save_every == 0):
+                    result.checkpoint = save()
+                state.eval_loss = None
+                progress.advance(task)
+                if stop.requested and not last:
+                    raise Preempted(state.step, result.checkpoint)
+                if result.stopped_early:
+                    log.write({"step": state.step, "early_stop": f"no eval improvement in "
+                               f"{settings.early_stopping_patience} evals"})
+                    break
+    finally:
+        log.close()
+    result.seconds = time.perf_counter() - started
+    result.steps, result.skipped_steps = state.step, state.bad_steps
+    result.tokens_per_second = all_tokens / max(result.seconds, 1e-9)
+    return result
+
+
+def train_step(model: Any, batches: list[dict[str, torch.Tensor]], objective: Objective,
+               optimizer: torch.optim.Optimizer, settings: LoopSettings,
+               device: torch.device) -> tuple[float, float, int, int]:
+    """One optimizer step over `batches`; skipped when the loss or gradient is not finite.
+
+    Returns:
+        (mean loss per supervised token, gradient norm before clipping, supervised tokens, real tokens).
+    """
+    step_tokens = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+    step_loss = torch.zeros((), device=device)
+    for batch in batches:
+        with autocast(device):
+            loss_sum, _ = objective(model, to_device(batch, device))
+        (loss_sum / max(1, step_tokens)).backward()
+        step_loss += loss_sum.detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    # One host sync per step: whether to apply the update must be known before applying it.
+    loss, norm = torch.stack([step_loss / max(1, step_tokens), grad_norm.to(step_loss.device)]).tolist()
+    if math.isfinite(loss) and math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    real = sum(int(b["seq_lens"].sum()) for b in batches)
+    return loss, norm, step_tokens, real
+
+
+def _count_bad_step(state: TrainerState, log: MetricsLog, output: Path, settings: LoopSettings,
+                    loss: float, grad_norm: float) -> None:
+    state.bad_steps += 1
+    state.bad_in_a_row += 1
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    log.write({"step": state.step, "skipped": f"non-finite {what}", "bad_steps": state.bad_steps})
+    if state.bad_in_a_row >= settings.max_bad_steps:
+        last_good = latest_checkpoint(output)
+        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"step {state.step}: {state.bad_in_a_row} steps in a row had a non-finite {what}; "
+                               f"training stopped ({where}); lower lr or check the data, then resume or restart")
+
+
+def _log_window(log: MetricsLog, window: _Window, step: int, scheduler: Any, grad_norm: float,
+                started: float, progress: Progress, task: Any) -> float:
+    loss = window.loss / window.tokens if window.tokens else float("nan")
+    elapsed = time.perf_counter() - window.started
+    record = {"step": step, "loss": round(loss, 5), "lr": scheduler.get_last_lr()[0],
+              "grad_norm": round(grad_norm, 4), "tokens_per_s": round(window.real / max(elapsed, 1e-9), 1),
+              "elapsed_s": round(time.perf_counter() - started, 2)}
+    log.write(record)
+    progress.update(task, info=f"loss {loss:.4f} · {record['tokens_per_s']:.0f} tok/s")
+    return loss
+
+
+def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSettings, objective: Objective,
+              collate: Collate, state: TrainerState, log: MetricsLog, on_eval: EvalHook | None) -> None:
+    """Measure eval loss, track the best one for early stopping, run the eval hook."""
+    loss = evaluate_loss(model, eval_set, settings.batch_size, objective, collate)
+    state.eval_loss = loss
+    if state.best_eval_loss is None or loss < state.best_eval_loss:
+        state.best_eval_loss, state.evals_without_improvement = loss, 0
+    else:
+        state.evals_without_improvement += 1
+    log.write({"step": state.step, "eval_loss": round(loss, 5)})
+    if on_eval:
+        on_eval(model, state.step)
+    model.train()
 
 
 @torch.no_grad()
 def evaluate_loss(model: Any, examples: Sequence[TokenizedExample], batch_size: int,
-                  objective: Objective = sft_loss) -> float:
+                  objective: Objective = sft_loss, collate: Collate = pack_batch) -> float:
     """Mean loss per supervised token over `examples`."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = to_device(pack_batch(examples[start:start + batch_size]), device)
+        batch = to_device(collate(examples[start:start + batch_size]), device)
         with autocast(device):
             loss_sum, n = objective(model, batch)
         total += float(loss_sum)

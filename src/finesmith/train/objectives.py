@@ -27,3 +27,34 @@ def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss, torch.tensor(keep.numel(), device=loss.device)
+
+
+def virtual_sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy for prompt/prefix tuning on a right-padded batch (`pad_batch`).
+
+    peft prepends the virtual tokens inside its forward: prompt tuning adds them to the
+    input (the output has `num_virtual_tokens` extra positions in front), prefix tuning adds
+    them as past keys/values (the output has exactly the input's positions). The LM head
+    still runs only at positions where some row has a target, shifted by that offset.
+    """
+    targets = batch["targets"]
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
+    offset = virtual_token_offset(model)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=keep + offset, use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    kept = targets[:, keep].reshape(-1)
+    loss = F.cross_entropy(logits.float(), kept, ignore_index=IGNORE, reduction="sum")
+    return loss, (kept != IGNORE).sum()
+
+
+def virtual_token_offset(model: Any) -> int:
+    """Positions peft puts in front of the input in the model's output (0 for prefix tuning)."""
+    config = model.active_peft_config
+    return 0 if config.peft_type.value == "PREFIX_TUNING" else config.num_virtual_tokens
+
+
+def uses_virtual_tokens(model: Any) -> bool:
+    """True for peft prompt-learning models (prompt/prefix tuning), which need padded batches."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)

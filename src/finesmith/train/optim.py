@@ -2,21 +2,55 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
 import torch
 
+from finesmith.errors import FinesmithError
 
-def build_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D)."""
+
+def build_optimizer(model: Any, lr: float, weight_decay: float, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D).
+
+    Args:
+        model: the model; only parameters with `requires_grad` are optimised.
+        lr: peak learning rate (the schedule scales it).
+        weight_decay: decoupled weight decay for matrices.
+        kind: `adamw` (torch), or `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only:
+            8-bit moments use a quarter of the memory; paged moments can spill to CPU memory).
+    Returns:
+        The optimizer.
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind != "adamw":
+        return _bitsandbytes_adamw(kind, [g for g in groups if g["params"]], lr)
     fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+def check_optimizer_supported(kind: str) -> None:
+    """Fail early (before loading a model) when an 8-bit optimizer cannot run here."""
+    if kind == "adamw":
+        return
+    if not torch.cuda.is_available():
+        raise FinesmithError(f"optimizer {kind} needs a CUDA GPU (bitsandbytes) and none is available; "
+                             "use optimizer=adamw on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FinesmithError(f"optimizer {kind} needs bitsandbytes; install it with `pip install 'finesmith[qlora]'`")
+
+
+def _bitsandbytes_adamw(kind: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    check_optimizer_supported(kind)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=lr, betas=(0.9, 0.999))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,

@@ -1,0 +1,395 @@
+"""Staged domain training: continued pre-training on a corpus, then instruction tuning.
+
+A config with a `stages:` list runs each stage as an ordinary training run whose base model
+is the previous stage's result (a LoRA stage is merged into the weights first, a full stage
+is used as is). Top-level keys are shared by every stage; a stage overrides any of them and
+adds the stage-only keys below. Measurements go to `OUTPUT/stages.json`:
+
+- before and after every `cpt` stage: perplexity on the held-out corpus documents and on the
+  shipped general-English sample (forgetting), per token and per word (per-word numbers stay
+  comparable when `add_tokens` changes the tokenizer);
+- after every `sft` stage with `eval_data`: task accuracy on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finesmith.config import TrainConfig, from_dict, read_yaml
+from finesmith.data.tokenize import TokenizedExample, bos_to_prepend, text_tokens, text_windows
+from finesmith.domain.ingest import Corpus, Document, ingest_corpus
+from finesmith.domain.vocab import add_domain_tokens, candidate_terms, general_english_text
+from finesmith.errors import FinesmithError
+
+OBJECTIVES = ("cpt", "sft")
+STAGE_ONLY_KEYS = ("name", "objective", "corpus", "replay_ratio", "add_tokens")
+
+
+@dataclass
+class CorpusSettings:
+    """How a `cpt` stage cleans and splits its corpus folder."""
+
+    min_words: int = 20  # documents with fewer words are dropped
+    near_duplicate_threshold: float = 0.8  # MinHash Jaccard estimate that marks a near duplicate
+    eval_fraction: float = 0.1  # share of documents held out for perplexity
+
+
+@dataclass
+class StageSettings:
+    """The stage-only keys; everything else in a stage is a TrainConfig key."""
+
+    name: str
+    objective: str = "sft"  # cpt: language modelling on a corpus; sft: instruction tuning
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
+    replay_ratio: float = 0.0  # cpt: share of training words drawn from general English
+    add_tokens: list[str] | int | None = None  # cpt: terms to add as tokens, or N to pick the top N
+
+
+@dataclass
+class Stage:
+    settings: StageSettings
+    raw: dict[str, Any]  # TrainConfig keys for this stage (shared keys merged with its own)
+
+
+def parse_stages(raw: dict[str, Any], where: str) -> list[Stage]:
+    """Split a staged config into per-stage settings and TrainConfig dicts.
+
+    Raises:
+        FinesmithError: `stages` is not a non-empty list of mappings, names repeat, or a key is unknown.
+    """
+    raw = copy.deepcopy(raw)
+    items = raw.pop("stages", None)
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise FinesmithError(f"{where}: `stages` must be a list of mappings, e.g. [{{name: pretrain, objective: cpt, "
+                             "data: corpus/}, {name: sft, data: qa.jsonl}]")
+    stages = []
+    for index, item in enumerate(items, start=1):
+        own = {k: item[k] for k in STAGE_ONLY_KEYS if k in item}
+        own.setdefault("name", f"stage{index}")
+        add_tokens = own.pop("add_tokens", None)
+        settings = from_dict(StageSettings, own, where=f"stages[{index}]")
+        settings.add_tokens = _parse_add_tokens(add_tokens, index)
+        if settings.objective not in OBJECTIVES:
+            raise FinesmithError(f"config: `stages[{index}].objective` must be one of {', '.join(OBJECTIVES)}; "
+                                 f"got '{settings.objective}'")
+        if not 0 <= settings.replay_ratio < 1:
+            raise FinesmithError(f"config: `stages[{index}].replay_ratio` must be in [0, 1), got {settings.replay_ratio}")
+        if settings.objective == "sft" and (settings.add_tokens or settings.replay_ratio):
+            raise FinesmithError(f"config: `stages[{index}]`: add_tokens and replay_ratio apply to cpt stages only")
+        merged = _merge(raw, {k: v for k, v in item.items() if k not in STAGE_ONLY_KEYS})
+        stages.append(Stage(settings, merged))
+    names = [s.settings.name for s in stages]
+    if len(set(names)) != len(names):
+        raise FinesmithError(f"config: stage names must differ (got {', '.join(names)}); give each a `name`")
+    return stages
+
+
+def _parse_add_tokens(value: Any, index: int) -> list[str] | int | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+        return [v.strip() for v in value]
+    if isinstance(value, dict) and set(value) == {"auto"} and isinstance(value["auto"], int) and value["auto"] > 0:
+        return value["auto"]
+    raise FinesmithError(f"config: `stages[{index}].add_tokens` must be a list of terms or `{{auto: N}}` "
+                         f"with N >= 1, got {value!r}")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """`key=value` for shared keys, `stages.NAME.key=value` for one stage (values parsed as YAML)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FinesmithError(f"override '{item}' is not key=value; write e.g. lr=1e-4 or stages.sft.epochs=2")
+        parts = key.strip().split(".")
+        node = raw
+        if parts[0] == "stages" and len(parts) > 2:
+            node = next((s for s in raw.get("stages") or [] if isinstance(s, dict) and s.get("name") == parts[1]), None)
+            if node is None:
+                raise FinesmithError(f"override '{item}': no stage named '{parts[1]}'")
+            parts = parts[2:]
+        _set(node, parts, yaml.safe_load(value) if value.strip() else None)
+
+
+def _set(node: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        if isinstance(node.get(part), str) and part == "data":
+            node[part] = {"path": node[part]}  # `data: x` is short for `data: {path: x}`
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FinesmithError(f"config: `{part}` is not a section, so `{'.'.join(parts)}` cannot be set")
+    node[parts[-1]] = value
+
+
+def has_stages(path: str | None) -> bool:
+    """True when `path` is a YAML config with a `stages:` key."""
+    return bool(path) and Path(path).suffix.lower() in (".yaml", ".yml") and "stages" in read_yaml(path)
+
+
+# --- data for cpt stages ----------------------------------------------------------------
+
+def general_split() -> tuple[list[Document], list[Document]]:
+    """The general-English sample as (held-out paragraphs for forgetting, paragraphs for replay).
+
+    Alternate paragraphs go to each side, so both cover every topic of the sample and the
+    forgetting measurement never sees text that replay trained on.
+    """
+    paragraphs = [p.strip() for p in general_english_text().split("\n\n") if len(p.split()) >= 20]
+    docs = [Document(" ".join(p.split()), f"general_english.txt#{i}") for i, p in enumerate(paragraphs)]
+    return docs[0::2], docs[1::2]
+
+
+def replay_documents(domain_words: int, ratio: float, pool: list[Document], seed: int) -> list[Document]:
+    """General paragraphs making up `ratio` of the mixed training words (cycled when the pool is short)."""
+    if ratio <= 0:
+        return []
+    wanted = ratio / (1 - ratio) * domain_words
+    rng, out, words = random.Random(seed), [], 0
+    while words < wanted:
+        for doc in rng.sample(pool, len(pool)):
+            if words >= wanted:
+                break
+            out.append(doc)
+            words += doc.words
+    return out
+
+
+def write_text_jsonl(path: Path, documents: list[Document]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in documents), encoding="utf-8")
+    return str(path)
+
+
+def lm_examples(tokenizer: Any, documents: list[Document], max_length: int) -> list[TokenizedExample]:
+    """Documents as language-modelling windows, exactly as training sees them.
+
+    Each document is BOS (if the model uses one) + text + EOS with every token trained,
+    cut into `max_length` windows; packing keeps documents apart with a block mask, so the
+    loss of a packed batch is the sum of the per-document losses.
+    """
+    bos = bos_to_prepend(tokenizer)
+    out = []
+    for doc in documents:
+        for ids, mask in text_windows(*text_tokens(tokenizer, doc.text), max_length, bos):
+            if any(mask[1:]):
+                out.append(TokenizedExample(tuple(ids), tuple(mask), doc.source))
+    return out
+
+
+# --- measurements ----------------------------------------------------------------------
+
+def perplexity(model: Any, tokenizer: Any, documents: list[Document], max_length: int,
+               batch_size: int = 8) -> dict[str, float]:
+    """Perplexity per token and per word (whitespace words) of whole documents."""
+    from finesmith.train.loop import evaluate_loss
+
+    examples = lm_examples(tokenizer, documents, max_length)
+    tokens = sum(sum(e.supervised[1:]) for e in examples)
+    nll = evaluate_loss(model, examples, batch_size) * tokens
+    words = sum(d.words for d in documents)
+    return {"token_perplexity": round(math.exp(nll / tokens), 4), "word_perplexity": round(math.exp(nll / words), 4),
+            "tokens": tokens, "words": words}
+
+
+def measure_forgetting(model_spec: str, domain_eval: list[Document], general_eval: list[Document],
+                       max_length: int) -> dict[str, Any]:
+    """Held-out domain and general-English perplexity of a model or run folder."""
+    from finesmith.model.methods import load_for_inference
+    from finesmith.pipeline import pick_device
+
+    model, tokenizer = load_for_inference(model_spec, device=str(pick_device()))
+    return {"domain": perplexity(model, tokenizer, domain_eval, max_length),
+            "general": perplexity(model, tokenizer, general_eval, max_length)}
+
+
+def merge_run(run: Path, target: Path) -> str:
+    """Fold a PEFT run's adapter into its base weights and save a plain model folder.
+
+    When the adapter trained separate copies of tied input/output embeddings (new tokens
+    with `modules_to_save`), the merged model keeps both, untied, so it computes exactly
+    what was trained.
+    """
+    from finesmith.model.methods import load_for_inference
+
+    model, tokenizer = load_for_inference(str(run))
+    merged = model.merge_and_unload()
+    inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
+    if outputs is not None and outputs.weight.data_ptr() != inputs.weight.data_ptr():
+        merged.config.tie_word_embeddings = False
+        merged.config.get_text_config().tie_word_embeddings = False
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def embedding_module_names(model: Any) -> list[str]:
+    """Short names of the input and output embedding modules (e.g. embed_tokens, lm_head)."""
+    found = {id(model.get_input_embeddings()): None, id(model.get_output_embeddings()): None}
+    for name, module in model.named_modules():
+        if id(module) in found and found[id(module)] is None:
+            found[id(module)] = name.rsplit(".", 1)[-1]
+    return [n for n in found.values() if n]
+
+
+# --- the runner ---------------------------------------------------------------------------
+
+def run_stages(path: str, overrides: list[str] | None = None, overwrite: bool = False,
+               flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every stage of a staged config and write `OUTPUT/stages.json`.
+
+    Args:
+        path: YAML file with shared keys and a `stages:` list.
+        overrides: `key=value` (shared) or `stages.NAME.key=value` (one stage).
+        overwrite: replace an existing OUTPUT folder.
+        flags: typed top-level values from CLI flags (None values are ignored), applied last.
+    Returns:
+        The stages.json content.
+    """
+    from finesmith.pipeline import console
+
+    raw = read_yaml(path)
+    apply_overrides(raw, overrides or [])
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set(raw, key.split("."), value)
+    stages = parse_stages(raw, path)
+    output = Path(raw.get("output") or "")
+    if not raw.get("output") or not raw.get("model"):
+        raise FinesmithError(f"{path}: a staged config needs top-level `model` and `output`")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise FinesmithError(f"{output} already holds a run; choose another output or pass --overwrite")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"config": str(path), "base_model": raw["model"], "stages": []}
+    model_spec, started = str(raw["model"]), time.perf_counter()
+    for index, stage in enumerate(stages):
+        console.print(f"[bold]stage {index + 1}/{len(stages)}: {stage.settings.name} ({stage.settings.objective})")
+        entry, model_spec = run_stage(stage, model_spec, output, is_last=index == len(stages) - 1)
+        report["stages"].append(entry)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        (output / "stages.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    console.print(f"stages done in {report['seconds']:.0f}s · results in {output / 'stages.json'}")
+    return report
+
+
+def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool) -> tuple[dict[str, Any], str]:
+    """Train one stage from `model_spec`; return its stages.json entry and the next stage's base model."""
+    from finesmith.pipeline import console, evaluate, train
+
+    settings, raw = stage.settings, copy.deepcopy(stage.raw)
+    folder = output / settings.name
+    raw.update(model=model_spec, output=str(folder))
+    entry: dict[str, Any] = {"name": settings.name, "objective": settings.objective, "base_model": model_spec,
+                             "output": str(folder)}
+    probe = from_dict(TrainConfig, raw, where="config")  # unknown keys fail before any work
+    if settings.objective == "cpt":
+        corpus, domain_eval, general_eval = prepare_cpt(stage, raw, folder, entry, probe.seed)
+        if settings.add_tokens:
+            raw["model"] = extend_vocabulary(settings, corpus, model_spec, folder / "base_with_tokens", raw, entry)
+        entry["before"] = measure_forgetting(model_spec, domain_eval, general_eval, probe.max_length)
+        console.print(_ppl_line("before", entry["before"]))
+    config = from_dict(TrainConfig, raw, where="config").validate()
+    outcome = train(config)
+    entry.update(method=config.method, steps=outcome.result.steps, train_seconds=round(outcome.result.seconds, 1),
+                 final_loss=outcome.result.final_loss, eval_loss=outcome.result.eval_loss,
+                 trainable_parameters=outcome.trainable)
+    if settings.objective == "cpt":
+        entry["after"] = measure_forgetting(str(folder), domain_eval, general_eval, config.max_length)
+        console.print(_ppl_line("after", entry["after"]))
+    elif config.eval_data:
+        result = evaluate(str(folder), config.eval_data)
+        entry["task"] = {"accuracy": result.accuracy, "n": result.n, "task": result.task, "metrics": result.metrics}
+        console.print(f"task accuracy {result.accuracy:.3f} on {result.n} held-out examples")
+    next_spec = str(folder)
+    if not is_last and config.method != "full":
+        next_spec = merge_run(folder, folder / "merged")
+        entry["merged"] = next_spec
+    return entry, next_spec
+
+
+def prepare_cpt(stage: Stage, raw: dict[str, Any], folder: Path, entry: dict[str, Any],
+                seed: int) -> tuple[Corpus, list[Document], list[Document]]:
+    """Ingest the stage's corpus, write the training/eval text files, point `raw` at them."""
+    from finesmith.pipeline import console
+
+    settings = stage.settings
+    source = raw.get("data")
+    source = source.get("path") if isinstance(source, dict) else source
+    if not source:
+        raise FinesmithError(f"config: stage '{settings.name}' needs `data:` (a corpus folder or file)")
+    corpus = ingest_corpus(source, settings.corpus.min_words, settings.corpus.near_duplicate_threshold,
+                           settings.corpus.eval_fraction, seed)
+    general_eval, replay_pool = general_split()
+    replay = replay_documents(sum(d.words for d in corpus.train), settings.replay_ratio, replay_pool, seed)
+    raw["data"] = write_text_jsonl(folder / "data" / "train.jsonl", corpus.train + replay)
+    if corpus.eval:
+        raw["eval_data"] = write_text_jsonl(folder / "data" / "eval.jsonl", corpus.eval)
+    entry["corpus"] = {**corpus.stats.to_dict(), "replay_documents": len(replay),
+                       "replay_words": sum(d.words for d in replay)}
+    stats = corpus.stats
+    console.print(f"corpus {source}: {stats.documents} documents read, {stats.too_short} near-empty, "
+                  f"{stats.exact_duplicates} exact and {stats.near_duplicates} near duplicates removed; "
+                  f"{stats.train_documents} train / {stats.eval_documents} eval documents"
+                  + (f"; {len(replay)} general paragraphs replayed" if replay else ""))
+    if not corpus.eval:
+        raise FinesmithError(f"config: stage '{settings.name}' holds out no documents (corpus.eval_fraction is 0); "
+                             "perplexity needs held-out documents, set it above 0")
+    return corpus, corpus.eval, general_eval
+
+
+def extend_vocabulary(settings: StageSettings, corpus: Corpus, model_spec: str, target: Path,
+                      raw: dict[str, Any], entry: dict[str, Any]) -> str:
+    """Save the base model with the stage's new tokens added (mean-initialised) and return its folder.
+
+    For LoRA the embedding matrices must train too, so they are added to
+    `lora.modules_to_save` unless the config already lists modules there.
+    """
+    from finesmith.model.load import load_model, load_tokenizer
+    from finesmith.pipeline import console
+
+    tokenizer, model = load_tokenizer(model_spec), load_model(model_spec, "cpu")
+    terms = settings.add_tokens
+    if isinstance(terms, int):
+        terms = [t.term for t in candidate_terms(tokenizer, [d.text for d in corpus.train],
+                                                 general_english_text())[:terms]]
+    added = add_domain_tokens(model, tokenizer, terms)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    entry["added_tokens"] = sorted(t.strip() for t in added)
+    console.print(f"added {len(added)} tokens: {', '.join(entry['added_tokens'])}")
+    if raw.get("method", "lora") != "full":
+        lora = raw.setdefault("lora", {})
+        if not lora.get("modules_to_save"):
+            lora["modules_to_save"] = embedding_module_names(model)
+    return str(target)
+
+
+def _ppl_line(when: str, measured: dict[str, Any]) -> str:
+    d, g = measured["domain"], measured["general"]
+    return (f"{when}: domain perplexity {d['token_perplexity']:.2f}/token ({d['word_perplexity']:.2f}/word) · "
+            f"general English {g['token_perplexity']:.2f}/token ({g['word_perplexity']:.2f}/word)")
+
+
+__all__ = ["CorpusSettings", "StageSettings", "apply_overrides", "has_stages", "lm_examples", "merge_run",
+           "parse_stages", "perplexity", "run_stages"]

@@ -1,0 +1,138 @@
+"""Label log-likelihood: how probable is each candidate answer, given the prompt?
+
+For every prompt and candidate label the score is the summed log-probability of the
+candidate's answer tokens *including its end-of-turn token* (so "billing" cannot win by
+being a prefix of "billing / high"). The answer tokens are the supervised tokens of the
+conversation prompt + candidate, exactly as training sees them.
+
+Speed: the prompt is shared by all candidates, and candidates share their beginnings
+("billing / low", "billing / high"), so each example becomes one token *trie*: the prompt
+once, then the candidates' tokens merged by common prefix. Every token attends exactly to
+its ancestors (its own path from the start), with position ids by depth. Several tries
+are packed into one padding-free row with a block mask, and the LM head runs only at the
+positions that predict an answer token. One forward pass scores a batch of examples
+against all their labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finesmith.data.tokenize import tokens_and_mask
+from finesmith.evaluate.generate import eval_progress
+
+@dataclass
+class TokenTrie:
+    """One example's prompt and candidates as a token trie, ready to pack."""
+
+    ids: list[int]
+    positions: list[int]
+    parents: list[int]  # index of the token each token follows (-1 for the first)
+    # (index of the predicting token, target id, candidate index) per scored token
+    targets: list[tuple[int, int, int]]
+
+
+def answer_only(messages: Sequence[dict[str, Any]], answer: str) -> list[dict[str, Any]]:
+    """The prompt (earlier assistant turns not trained) followed by `answer` as the trained turn."""
+    prompt = [{"role": m["role"], "content": m["content"], **({"weight": 0} if m["role"] == "assistant" else {})}
+              for m in messages]
+    return prompt + [{"role": "assistant", "content": answer}]
+
+
+def build_trie(tokenizer: Any, messages: Sequence[dict[str, Any]], candidates: Sequence[str]) -> TokenTrie:
+    """Tokenize prompt + each candidate and merge the token sequences into one trie.
+
+    Each candidate is rendered and tokenized whole (as training would), so a template or
+    tokenizer that merges text across the prompt/answer boundary still scores exactly the
+    tokens a one-by-one computation would; merging only shares identical (token,
+    trained?) paths.
+    """
+    trie = TokenTrie([], [], [], [])
+    children: dict[tuple[int, int, bool], int] = {}
+    for c, (ids, mask) in enumerate(tokens_and_mask(tokenizer, answer_only(messages, cand)) for cand in candidates):
+        node = -1
+        for j, (token, trained) in enumerate(zip(ids, mask)):
+            if trained:
+                trie.targets.append((node, token, c))
+            key = (node, token, trained)
+            if key not in children:
+                children[key] = len(trie.ids)
+                trie.ids.append(token)
+                trie.positions.append(j)
+                trie.parents.append(node)
+            node = children[key]
+    return trie
+
+
+def ancestor_mask(tries: Sequence[TokenTrie]) -> torch.Tensor:
+    """`[T, T]` bool: each token sees itself and its ancestors in its own trie, nothing else."""
+    total = sum(len(t.ids) for t in tries)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    offset = 0
+    for trie in tries:
+        for i, parent in enumerate(trie.parents):
+            if parent >= 0:
+                mask[offset + i] = mask[offset + parent]
+            mask[offset + i, offset + i] = True
+        offset += len(trie.ids)
+    return mask
+
+
+@torch.no_grad()
+def score_tries(model: Any, tries: Sequence[TokenTrie], n_candidates: int) -> list[list[float]]:
+    """Forward one packed row of tries; return each trie's per-candidate log-probability."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[i for t in tries for i in t.ids]], device=device)
+    positions = torch.tensor([[p for t in tries for p in t.positions]], device=device)
+    offsets, rows, targets, owners = 0, [], [], []
+    for k, trie in enumerate(tries):
+        for row, target, cand in trie.targets:
+            rows.append(offsets + row)
+            targets.append(target)
+            owners.append(k * n_candidates + cand)
+        offsets += len(trie.ids)
+    # Candidates sharing a predicting token (e.g. the prompt's last) need its logits once.
+    keep, which = torch.tensor(rows, device=device).unique(return_inverse=True)
+    out = model(input_ids=ids, position_ids=positions, attention_mask=ancestor_mask(tries)[None, None].to(device),
+                logits_to_keep=keep, use_cache=False)
+    logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+    token_scores = logprobs[which, torch.tensor(targets, device=device)]
+    totals = torch.zeros(len(tries) * n_candidates, device=device, dtype=torch.float64)
+    totals.index_add_(0, torch.tensor(owners, device=device), token_scores.double())
+    return totals.view(len(tries), n_candidates).tolist()
+
+
+def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, Any]]],
+                   candidates: Sequence[str], max_row_tokens: int = 1024) -> list[list[float]]:
+    """Log-probability of every candidate answer after every prompt.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (the chat template renders prompts).
+        prompts: conversations up to (not including) the answer.
+        candidates: the label set, as answer texts.
+        max_row_tokens: tries are packed into one row until it would exceed this many tokens.
+
+    Returns:
+        `scores[i][c]`: summed log-probability of candidate `c`'s answer tokens (end-of-turn
+        included) given prompt `i`.
+    """
+    model.eval()
+    scores: list[list[float]] = []
+    with eval_progress() as progress:
+        task = progress.add_task("label log-likelihood", total=len(prompts))
+        pending: list[TokenTrie] = []
+        for messages in prompts:
+            trie = build_trie(tokenizer, messages, candidates)
+            if pending and sum(len(t.ids) for t in pending) + len(trie.ids) > max_row_tokens:
+                scores.extend(score_tries(model, pending, len(candidates)))
+                progress.advance(task, len(pending))
+                pending = []
+            pending.append(trie)
+        if pending:
+            scores.extend(score_tries(model, pending, len(candidates)))
+            progress.advance(task, len(pending))
+    return scores

@@ -1,0 +1,182 @@
+"""Checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder `OUTPUT/checkpoints/step-N/` holding the trainable weights
+(`trainable.safetensors`; adapter runs also get a plain PEFT adapter next to it), the
+optimizer and scheduler state, every RNG state and the data position
+(`trainer_state.json`). It is written into a hidden temporary folder and renamed into
+place, so a crash mid-write never leaves a half checkpoint under a `step-N` name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+# Test hook: pause inside the write of the checkpoint for this step (after the files are
+# written, before the rename) so a test can kill the process at the worst moment.
+PAUSE_ENV = "FINESMITH_CHECKPOINT_PAUSE_AT_STEP"
+
+
+@dataclass
+class TrainerState:
+    """Loop counters saved with every checkpoint."""
+
+    step: int  # optimizer steps completed
+    micro_batches: int  # micro-batches drawn from the data stream (the data position)
+    eval_loss: float | None = None  # eval loss measured at this step, if any
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    bad_steps: int = 0  # non-finite steps skipped so far
+    bad_in_a_row: int = 0  # consecutive non-finite steps up to this one
+
+
+def checkpoint_root(output: Path) -> Path:
+    return output / "checkpoints"
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, folder), oldest first, ordered by step number (not name)."""
+    root = checkpoint_root(output)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = STEP_DIR.match(entry.name)
+        if match and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    found = list_checkpoints(output)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(output: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: TrainerState, keep: int) -> Path:
+    """Write a checkpoint atomically, then drop old ones (keeping the newest `keep` and the best).
+
+    Args:
+        output: the run folder.
+        model, optimizer, scheduler: what the loop trains with.
+        state: loop counters; `state.step` names the folder.
+        keep: newest checkpoints to keep.
+    Returns:
+        The checkpoint folder.
+    """
+    root = checkpoint_root(output)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{state.step}-", dir=root))
+    try:
+        write_contents(tmp, model, optimizer, scheduler, state)
+        if os.environ.get(PAUSE_ENV) == str(state.step):
+            print(f"checkpoint write paused in {tmp}", flush=True)
+            time.sleep(600)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rotate_checkpoints(output, keep)
+    return final
+
+
+def write_contents(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   state: TrainerState) -> None:
+    trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(folder / "trainable.safetensors"))
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder, safe_serialization=True)  # a plain PEFT adapter, usable on its own
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
+               folder / "state.pt")
+    # Written last: its presence marks the folder's contents as complete.
+    (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+
+
+def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG states from `folder`; return the loop counters."""
+    saved = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name in saved if name not in params]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint has weights this model lacks, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    blob = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    restore_rng_states(blob["rng"])
+    return TrainerState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def rotate_checkpoints(output: Path, keep: int) -> None:
+    """Delete complete checkpoints except the newest `keep` and the one with the lowest eval loss."""
+    found = list_checkpoints(output)
+    keep_paths = {path for _, path in found[-keep:]}
+    scored = [(loss, step, path) for step, path in found if (loss := _eval_loss(path)) is not None]
+    if scored:
+        keep_paths.add(min(scored)[2])
+    for _, path in found:
+        if path not in keep_paths:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def best_checkpoint(output: Path) -> Path | None:
+    scored = [(loss, step, path) for step, path in list_checkpoints(output) if (loss := _eval_loss(path)) is not None]
+    return min(scored)[2] if scored else None
+
+
+def _eval_loss(folder: Path) -> float | None:
+    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("eval_loss")
+
+
+def remove_partial_writes(output: Path) -> None:
+    """Delete temporary folders left by a checkpoint write that was killed."""
+    root = checkpoint_root(output)
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.name.startswith(".tmp-step-"):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (when present) CUDA RNG states, as tensors and plain values."""
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(states["python"]))
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate wants the nested tuples it produced; serialisation may return lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

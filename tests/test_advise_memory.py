@@ -1,0 +1,40 @@
+"""The memory estimator against measurement: predicted vs measured peak RSS of real training
+runs (a few steps of `finesmith.train`, each in a fresh process), within ±25%."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from finesmith.advise.measure import measure_in_subprocess
+from finesmith.advise.memory import RunShape, estimate_memory
+from finesmith.advise.model_shape import read_model_shape
+
+TOLERANCE = 0.25
+CHAT_OVERHEAD = 12  # untrained template tokens of a synthetic example (role headers, user turn)
+
+
+def relative_errors(model: str, lengths: tuple[int, int]) -> dict[tuple[str, int], float]:
+    """(method, tokens) -> (predicted - measured) / measured, measuring two runs at a time."""
+    configs = [(method, length) for method in ("full", "lora") for length in lengths]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        measured = list(pool.map(lambda c: measure_in_subprocess(model, c[0], c[1], batch_size=1, steps=2), configs))
+    shape = read_model_shape(model)
+    errors = {}
+    for (method, length), m in zip(configs, measured):
+        predicted = estimate_memory(shape, RunShape(method, length, length - CHAT_OVERHEAD)).peak
+        errors[(method, length)] = (predicted - m.peak_rss_bytes) / m.peak_rss_bytes
+    return errors
+
+
+def test_tiny_model_peak_rss_is_predicted(tiny_model):
+    errors = relative_errors(tiny_model, (128, 512))
+    assert all(abs(e) <= TOLERANCE for e in errors.values()), errors
+
+
+@pytest.mark.builtin
+def test_builtin_model_peak_rss_is_predicted():
+    errors = relative_errors("smollm2-135m-instruct", (64, 256))
+    print({k: f"{v:+.1%}" for k, v in errors.items()})
+    assert all(abs(e) <= TOLERANCE for e in errors.values()), errors

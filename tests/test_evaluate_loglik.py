@@ -1,0 +1,51 @@
+"""Label log-likelihood: the packed, prompt-sharing computation equals a slow reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import QA
+from finesmith.data.formats import Example
+from finesmith.data.tokenize import tokens_and_mask
+from finesmith.evaluate.loglik import answer_only, label_logprobs
+from finesmith.evaluate.tasks import EvalOptions, evaluate_examples
+
+
+def reference_logprob(model, tokenizer, messages, candidate) -> float:
+    """One example at a time: full forward, summed log-softmax over the answer tokens."""
+    ids, mask = tokens_and_mask(tokenizer, answer_only(messages, candidate))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return sum(float(logprobs[j - 1, ids[j]]) for j in range(1, len(ids)) if mask[j])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_batched_scores_equal_one_by_one_reference(tiny):
+    model, tokenizer = tiny
+    prompts = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q}] for q, _ in QA[:5]]
+    # a few-shot prompt: the earlier assistant turn is context, never scored
+    prompts.append([{"role": "user", "content": "x?"}, {"role": "assistant", "content": "y"},
+                    {"role": "user", "content": "z?"}])
+    candidates = ["blue", "four legs", "Paris", "a", "billing / low", "billing / high"]  # shared beginnings
+    fast = label_logprobs(model, tokenizer, prompts, candidates, max_row_tokens=80)  # several packed rows
+    slow = [[reference_logprob(model, tokenizer, p, c) for c in candidates] for p in prompts]
+    assert len(fast) == len(slow)
+    for fast_row, slow_row in zip(fast, slow):
+        assert fast_row == pytest.approx(slow_row, abs=1e-3)
+
+
+def test_classification_reports_both_scorings(tiny):
+    model, tokenizer = tiny
+    examples = [Example(({"role": "user", "content": q}, {"role": "assistant", "content": a}), f"f:{i}")
+                for i, (q, a) in enumerate(QA[:8])]
+    result = evaluate_examples(model, tokenizer, examples, options=EvalOptions(task="classification", max_new_tokens=3))
+    assert set(result.metrics) == {"generate", "loglik"}
+    assert result.labels == sorted({a for _, a in QA[:8]}, key=str.lower)
+    assert all(p["loglik_prediction"] in result.labels for p in result.predictions)
+    assert result.accuracy == result.metrics["generate"]["accuracy"]
