@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from finesmith.errors import FinesmithError
@@ -23,13 +25,20 @@ def test_folder_without_config(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
-def test_hub_id_offline_fails_with_one_clear_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("how", ["offline mode", "unreachable hub"])
+def test_hub_id_offline_fails_fast_with_one_clear_line(how, monkeypatch):
+    if how == "offline mode":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    started = time.perf_counter()
     with pytest.raises(FinesmithError) as info:
         load_tokenizer("no-such-org/no-such-model")
     message = str(info.value)
     assert "no-such-org/no-such-model" in message and "local model folder" in message
     assert "\n" not in message
+    assert time.perf_counter() - started < 15  # no minute of download retries
 
 
 def test_local_folder_loads(tiny_model):

@@ -12,10 +12,12 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import yaml
@@ -138,14 +140,43 @@ def load_model(spec: str, device: str = "cpu") -> Any:
 def _from_pretrained(cls: Any, spec: str, path: str, gguf_file: str | None, **kwargs: Any) -> Any:
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if Path(path).exists():
+        try:
+            return cls.from_pretrained(path, **kwargs)
+        except OSError as exc:
+            raise FinesmithError(f"could not load model from {path}: {_first_line(exc)}") from None
+    return _from_hub(cls, spec, **kwargs)
+
+
+def _from_hub(cls: Any, hub_id: str, **kwargs: Any) -> Any:
+    """Load a hub model: from the local hub cache if present, else download when reachable.
+
+    Without this check an unreachable hub costs about a minute of retries before failing.
+    """
+    offline_help = (f"could not load model '{hub_id}' from the Hugging Face hub ({{why}}); "
+                    "when offline, pass a local model folder or .gguf file instead")
     try:
-        return cls.from_pretrained(path, **kwargs)
+        return cls.from_pretrained(hub_id, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if _hub_offline():
+        raise FinesmithError(offline_help.format(why="offline and not in the local cache")) from None
+    try:
+        return cls.from_pretrained(hub_id, **kwargs)
     except OSError as exc:
-        if not Path(path).exists():
-            raise FinesmithError(
-                f"could not load model '{spec}' from the Hugging Face hub ({_first_line(exc)}); "
-                "when offline, pass a local model folder or .gguf file instead") from None
-        raise FinesmithError(f"could not load model from {path}: {_first_line(exc)}") from None
+        raise FinesmithError(offline_help.format(why=_first_line(exc))) from None
+
+
+def _hub_offline(timeout: float = 3.0) -> bool:
+    """True when offline mode is set or the hub host cannot be reached quickly."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return True
+    return False
 
 
 def _first_line(exc: BaseException) -> str:
