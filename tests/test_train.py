@@ -70,3 +70,23 @@ def test_batch8_accum1_equals_batch1_accum8(tiny_model):
     small = grads_after_step(copy.deepcopy(model), data, 1, 8)
     for name in big:
         torch.testing.assert_close(big[name], small[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_of_a_token_budget_give_the_same_loss_and_gradients(tiny_model):
+    model = load(tiny_model)
+    data = tokenized(tiny_model)
+    budget = max(len(d) for d in data) + 5  # forces several rows, some with padding slots
+    rows = pack_batch(data, row_tokens=budget)
+    assert rows["input_ids"].shape[0] > 1 and rows["input_ids"].shape[1] <= budget
+    assert int(rows["seq_lens"].sum()) == sum(len(d) for d in data)
+    grads = []
+    for batch in (pack_batch(data), rows):
+        model.zero_grad()
+        loss_sum, n = sft_loss(model, batch)
+        loss_sum.backward()
+        grads.append((loss_sum.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (one_loss, one_n, one_grads), (rows_loss, rows_n, rows_grads) = grads
+    assert one_n == rows_n
+    torch.testing.assert_close(one_loss, rows_loss, rtol=1e-5, atol=1e-5)
+    for name in one_grads:
+        torch.testing.assert_close(one_grads[name], rows_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 from dataclasses import dataclass
@@ -85,7 +86,8 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False) ->
     save_config(config, output / "config.yaml")
     virtual = uses_virtual_tokens(model)
     result = fit(model, train_set, settings, output, eval_set, objective=virtual_sft_loss if virtual else sft_loss,
-                 collate=pad_batch if virtual else pack_batch, resume=resume,
+                 collate=pad_batch if virtual else functools.partial(pack_batch, row_tokens=config.row_tokens),
+                 resume=resume,
                  on_eval=sample_writer(tokenizer, config, output), run_config=config.to_dict())
     save_model(model, tokenizer, output)
     if result.skipped_steps:

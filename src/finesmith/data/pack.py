@@ -1,4 +1,4 @@
-"""Padding-free packed batches: examples concatenated into one row, kept apart.
+"""Padding-free packed batches: examples concatenated into rows, kept apart.
 
 Position ids restart at 0 for every example, and a block-diagonal causal mask stops
 attention from crossing example boundaries. Position ids alone are not enough with the
@@ -17,31 +17,51 @@ from finesmith.data.tokenize import TokenizedExample
 IGNORE = -100
 
 
-def pack_batch(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
-    """Pack examples into one row.
+def pack_batch(examples: Sequence[TokenizedExample], row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Pack examples into padding-free rows.
+
+    With `row_tokens` unset (or when everything fits), all examples share one row. Otherwise
+    they are grouped best-fit-decreasing into rows of at most `row_tokens` tokens (or the
+    longest example, if longer): attention inside a row costs the square of its length, so
+    several short rows are much cheaper than one long one, while the few padding slots
+    that rows of unequal length need stay masked out.
 
     Returns:
-        input_ids, position_ids: `[1, T]`.
-        targets: `[1, T]`, the next token where it is trained, else -100 (already shifted:
+        input_ids, position_ids: `[R, T]`.
+        targets: `[R, T]`, the next token where it is trained, else -100 (already shifted:
             position t predicts targets[t]; the last token of each example predicts nothing).
-        attention_mask: `[1, 1, T, T]` bool, True where a query may attend to a key.
-        seq_lens: `[n]` tokens per example.
+        attention_mask: `[R, 1, T, T]` bool, True where a query may attend to a key.
+        seq_lens: `[n]` tokens per example (padding excluded).
     """
-    ids, positions, targets, lens = [], [], [], []
-    for ex in examples:
-        n = len(ex.input_ids)
-        ids.extend(ex.input_ids)
-        positions.extend(range(n))
-        targets.extend(ex.input_ids[t + 1] if ex.supervised[t + 1] else IGNORE for t in range(n - 1))
-        targets.append(IGNORE)
-        lens.append(n)
-    seq_lens = torch.tensor(lens)
+    lens = [len(ex.input_ids) for ex in examples]
+    if row_tokens is None or sum(lens) <= row_tokens:
+        rows = [list(range(len(examples)))]
+    else:
+        rows = pack_bins(lens, max(row_tokens, max(lens)))
+    width = max(sum(lens[i] for i in row) for row in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    masks = []
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            ex, n = examples[i], lens[i]
+            ids[r, start:start + n] = torch.tensor(ex.input_ids)
+            positions[r, start:start + n] = torch.arange(n)
+            targets[r, start:start + n - 1] = torch.tensor(
+                [ex.input_ids[t + 1] if ex.supervised[t + 1] else IGNORE for t in range(n - 1)], dtype=torch.long)
+            start += n
+        # Padding slots become one-token "sequences" that see only themselves, so no
+        # attention row is empty (an all-masked row makes SDPA return NaN).
+        row_lens = [lens[i] for i in row] + [1] * (width - start)
+        masks.append(block_causal_mask(torch.tensor(row_lens)))
     return {
-        "input_ids": torch.tensor([ids]),
-        "position_ids": torch.tensor([positions]),
-        "targets": torch.tensor([targets]),
-        "attention_mask": block_causal_mask(seq_lens)[None, None],
-        "seq_lens": seq_lens,
+        "input_ids": ids,
+        "position_ids": positions,
+        "targets": targets,
+        "attention_mask": torch.stack(masks)[:, None],
+        "seq_lens": torch.tensor(lens),
     }
 
 

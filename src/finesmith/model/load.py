@@ -8,7 +8,9 @@ fresh model of the same config and cache that as a safetensors folder.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -93,9 +95,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
 
     print(f"Converting {gguf_path.name} to a cached safetensors model at {target} (first use only)...")
     folder, name = str(gguf_path.parent), gguf_path.name
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's per-tensor bar is noise here
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's per-tensor progress bar is noise here
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -20,13 +20,14 @@ def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     The LM head runs only where a target exists (`logits_to_keep` with the positions),
     so full-vocabulary logits for prompt tokens are never materialised.
     """
-    targets = batch["targets"][0]
-    keep = (targets != IGNORE).nonzero().squeeze(-1)
+    targets = batch["targets"]
+    keep = targets != IGNORE  # [R, T]; a boolean `logits_to_keep` selects positions row-major
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                 attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
     logits = out.logits.reshape(-1, out.logits.shape[-1])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, torch.tensor(keep.numel(), device=loss.device)
+    kept = targets[keep]
+    loss = F.cross_entropy(logits.float(), kept, reduction="sum")
+    return loss, torch.tensor(kept.numel(), device=loss.device)
 
 
 def virtual_sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
