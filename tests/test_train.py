@@ -80,7 +80,7 @@ def test_rows_of_a_token_budget_give_the_same_loss_and_gradients(tiny_model):
     assert rows["input_ids"].shape[0] > 1 and rows["input_ids"].shape[1] <= budget
     assert int(rows["seq_lens"].sum()) == sum(len(d) for d in data)
     grads = []
-    for batch in (pack_batch(data), rows):
+    for batch in (pack_batch(data, row_tokens=None), rows):
         model.zero_grad()
         loss_sum, n = sft_loss(model, batch)
         loss_sum.backward()
@@ -90,3 +90,22 @@ def test_rows_of_a_token_budget_give_the_same_loss_and_gradients(tiny_model):
     torch.testing.assert_close(one_loss, rows_loss, rtol=1e-5, atol=1e-5)
     for name in one_grads:
         torch.testing.assert_close(one_grads[name], rows_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_run_one_at_a_time_give_the_same_gradients(tiny_model):
+    from finesmith.data.pack import split_rows
+
+    model = load(tiny_model)
+    data = tokenized(tiny_model)
+    batch = pack_batch(data, row_tokens=max(len(d) for d in data) + 5)
+    model.zero_grad()
+    sft_loss(model, batch)[0].backward()
+    together = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    rows = split_rows(batch)
+    assert len(rows) == batch["input_ids"].shape[0] > 1
+    assert sum(r["input_ids"].shape[1] for r in rows) == int(batch["seq_lens"].sum())  # padding trimmed
+    for row in rows:
+        sft_loss(model, row)[0].backward()
+    for name, grad in together.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -26,6 +26,11 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
 
+# Default tokens per packed row. Attention in a row costs the square of its length: on a
+# 2-core CPU, SmolLM2-135M trained 2x faster on 16 examples in rows of 512 than in one
+# 3,099-token row.
+ROW_TOKENS = 512
+
 
 @dataclass
 class LoraSettings:
@@ -86,7 +91,7 @@ class TrainConfig:
     batch_size: int | str = 8  # examples per micro-batch (packed into one padding-free row), or auto
     packing: bool = False  # micro-batch = one best-fit-decreasing bin of at most pack_tokens tokens
     pack_tokens: int | None = None  # token budget per packed micro-batch (default: max_length)
-    row_tokens: int = 512  # a micro-batch is split into padding-free rows of at most this many tokens
+    row_tokens: int = ROW_TOKENS  # a micro-batch is split into padding-free rows of at most this many tokens
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 1024  # tokens per example
     truncation: str = "truncate"  # truncate | drop: what to do with longer examples

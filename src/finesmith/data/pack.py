@@ -12,15 +12,16 @@ from collections.abc import Sequence
 
 import torch
 
+from finesmith.config import ROW_TOKENS
 from finesmith.data.tokenize import TokenizedExample
 
 IGNORE = -100
 
 
-def pack_batch(examples: Sequence[TokenizedExample], row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+def pack_batch(examples: Sequence[TokenizedExample], row_tokens: int | None = ROW_TOKENS) -> dict[str, torch.Tensor]:
     """Pack examples into padding-free rows.
 
-    With `row_tokens` unset (or when everything fits), all examples share one row. Otherwise
+    With `row_tokens=None` (or when everything fits), all examples share one row. Otherwise
     they are grouped best-fit-decreasing into rows of at most `row_tokens` tokens (or the
     longest example, if longer): attention inside a row costs the square of its length, so
     several short rows are much cheaper than one long one, while the few padding slots
@@ -32,6 +33,7 @@ def pack_batch(examples: Sequence[TokenizedExample], row_tokens: int | None = No
             position t predicts targets[t]; the last token of each example predicts nothing).
         attention_mask: `[R, 1, T, T]` bool, True where a query may attend to a key.
         seq_lens: `[n]` tokens per example (padding excluded).
+        row_lens: `[R]` real tokens per row (see `split_rows`).
     """
     lens = [len(ex.input_ids) for ex in examples]
     if row_tokens is None or sum(lens) <= row_tokens:
@@ -62,7 +64,22 @@ def pack_batch(examples: Sequence[TokenizedExample], row_tokens: int | None = No
         "targets": targets,
         "attention_mask": torch.stack(masks)[:, None],
         "seq_lens": torch.tensor(lens),
+        "row_lens": torch.tensor([sum(lens[i] for i in row) for row in rows]),
     }
+
+
+def split_rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The rows of a `pack_batch` batch as separate one-row batches, padding trimmed.
+
+    Rows are independent, so running them one at a time gives the same summed loss and
+    gradients with a fraction of the activation memory.
+    """
+    rows = []
+    for r, n in enumerate(batch["row_lens"].tolist()):
+        rows.append({"input_ids": batch["input_ids"][r:r + 1, :n], "position_ids": batch["position_ids"][r:r + 1, :n],
+                     "targets": batch["targets"][r:r + 1, :n],
+                     "attention_mask": batch["attention_mask"][r:r + 1, :, :n, :n]})
+    return rows
 
 
 def block_causal_mask(seq_lens: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from finesmith.data.pack import IGNORE, pack_batch, pack_bins
+from finesmith.data.pack import IGNORE, pack_batch, pack_bins, split_rows
 from finesmith.data.tokenize import TokenizedExample
 from finesmith.errors import FinesmithError
 from finesmith.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -252,9 +252,9 @@ def train_step(model: Any, batches: list[dict[str, torch.Tensor]], objective: Ob
     """
     step_tokens = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
     step_loss = torch.zeros((), device=device)
-    for batch in batches:
+    for unit in forward_units(batches, device):
         with autocast(device):
-            loss_sum, _ = objective(model, to_device(batch, device))
+            loss_sum, _ = objective(model, to_device(unit, device))
         (loss_sum / max(1, step_tokens)).backward()
         step_loss += loss_sum.detach()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -266,6 +266,19 @@ def train_step(model: Any, batches: list[dict[str, torch.Tensor]], objective: Ob
     optimizer.zero_grad(set_to_none=True)
     real = sum(int(b["seq_lens"].sum()) for b in batches)
     return loss, norm, step_tokens, real
+
+
+def forward_units(batches: list[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """What each forward/backward pass runs on.
+
+    On CPU the rows of a packed batch run one at a time: matrix products of a few hundred
+    rows already keep the cores busy, so the speed is the same and the activation memory
+    falls by the number of rows (SmolLM2-135M, 16 examples of ~200 tokens: ~5.7 GB of saved
+    activations in one pass, under 1 GB per row). On GPUs one pass over all rows is faster.
+    """
+    if device.type == "cuda":
+        return batches
+    return [unit for batch in batches for unit in (split_rows(batch) if "row_lens" in batch else [batch])]
 
 
 def _count_bad_step(state: TrainerState, log: MetricsLog, output: Path, settings: LoopSettings,
