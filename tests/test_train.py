@@ -109,3 +109,15 @@ def test_rows_run_one_at_a_time_give_the_same_gradients(tiny_model):
         sft_loss(model, row)[0].backward()
     for name, grad in together.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_log_reports_model_flops_utilisation_when_the_peak_is_known(tiny_model, tmp_path):
+    import json
+
+    from finesmith.train.loop import LoopSettings, fit
+
+    settings = LoopSettings(lr=1e-3, total_steps=2, batch_size=4, log_every=1, flops_per_token=2e6, peak_flops=1e12)
+    fit(load(tiny_model), tokenized(tiny_model), settings, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert logged and all(r["mfu"] == round(r["tokens_per_s"] * 2e6 / 1e12, 4) for r in logged)

@@ -79,7 +79,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False) ->
     trainable, total = count_parameters(model)
     console.print(f"method {config.method}: {trainable:,} trainable parameters of {total:,} "
                   f"({100 * trainable / total:.2f}%)")
-    settings = loop_settings(config, train_set)
+    settings = loop_settings(config, train_set, base.config)
     per_step = (f"bins of ≤{settings.pack_tokens} tokens" if settings.packing else "examples")
     console.print(f"{settings.total_steps} optimizer steps · {settings.batch_size if not settings.packing else 1}"
                   f"×{config.grad_accum} {per_step} per step · lr {settings.lr:g}")
@@ -172,7 +172,7 @@ def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> l
     return tokenized
 
 
-def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> LoopSettings:
+def loop_settings(config: TrainConfig, train_set: list[TokenizedExample], model_config: Any = None) -> LoopSettings:
     """Loop settings from a config whose `auto` values are resolved (see `resolve_auto`)."""
     if config.packing:
         lengths = [len(ex) for ex in train_set]
@@ -191,7 +191,20 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> Loo
         eval_every=config.eval_every, packing=config.packing, pack_tokens=config.resolved_pack_tokens(),
         save_every=config.save_every, keep_checkpoints=config.keep_checkpoints, max_bad_steps=config.max_bad_steps,
         early_stopping_patience=config.early_stopping_patience, optimizer=config.optimizer,
-        report_to=tuple(config.report_to))
+        report_to=tuple(config.report_to), **utilisation_inputs(model_config, config, train_set))
+
+
+def utilisation_inputs(model_config: Any, config: TrainConfig, train_set: list[TokenizedExample]) -> dict[str, float]:
+    """FLOPs per token and the GPU's dense peak, so the log can show MFU (CUDA only)."""
+    from finesmith.advise.model_shape import ModelShape
+    from finesmith.advise.timing import GPU_PEAK_FLOPS, flops_per_token, gpu_family
+
+    family = gpu_family(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    if model_config is None or family is None:
+        return {}
+    shape = ModelShape.from_config_dict(model_config.to_dict())
+    context = sum(len(ex) for ex in train_set) / max(1, len(train_set))
+    return {"flops_per_token": flops_per_token(shape, config.method, int(context)), "peak_flops": GPU_PEAK_FLOPS[family]}
 
 
 def sample_writer(tokenizer: Any, config: TrainConfig, output: Path) -> SampleWriter | None:

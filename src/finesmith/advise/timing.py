@@ -50,13 +50,20 @@ def flops_per_token(shape: ModelShape, method: str, context: int) -> float:
 def device_flops(hardware: Hardware) -> tuple[float, str]:
     """Sustained FLOP/s of the training device and where the number comes from."""
     if hardware.device == "cuda":
-        name = hardware.gpu_name or ""
-        for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
-            if key.lower() in name.lower():
-                return GPU_PEAK_FLOPS[key] * GPU_MFU, f"from the {key} peak FLOP/s × {GPU_MFU:.0%} utilisation"
+        key = gpu_family(hardware.gpu_name or "")
+        if key:
+            return GPU_PEAK_FLOPS[key] * GPU_MFU, f"from the {key} peak FLOP/s × {GPU_MFU:.0%} utilisation"
         return GPU_FALLBACK_FLOPS * GPU_MFU, f"from an assumed {GPU_FALLBACK_FLOPS / 1e12:.0f} TFLOP/s GPU (unknown card)"
     flops = CPU_FLOPS_PER_CORE * hardware.cpu_count
     return flops, f"from a CPU estimate ({hardware.cpu_count} cores × {CPU_FLOPS_PER_CORE / 1e9:.1f} GFLOP/s)"
+
+
+def gpu_family(name: str) -> str | None:
+    """The GPU_PEAK_FLOPS key a device name belongs to (longest match first), if any."""
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return key
+    return None
 
 
 def estimate_time(shape: ModelShape, method: str, epoch_tokens: int, context: int, hardware: Hardware,

@@ -57,6 +57,8 @@ class LoopSettings:
     early_stopping_patience: int = 0
     optimizer: str = "adamw"
     report_to: tuple[str, ...] = ()
+    flops_per_token: float = 0.0  # with peak_flops: model FLOPs utilisation in the log (GPUs)
+    peak_flops: float = 0.0
 
 
 @dataclass
@@ -216,7 +218,8 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
                     result.step_losses.append(loss)
                 last = state.step == settings.total_steps
                 if state.step % settings.log_every == 0 or last:
-                    result.final_loss = _log_window(log, window, state.step, scheduler, grad_norm, started, progress, task)
+                    result.final_loss = _log_window(log, window, state.step, scheduler, grad_norm, started, progress,
+                                                    task, settings)
                     window = _Window()
                 if eval_set and ((settings.eval_every and state.step % settings.eval_every == 0) or last):
                     _evaluate(model, eval_set, settings, objective, collate, state, log, on_eval)
@@ -295,14 +298,18 @@ def _count_bad_step(state: TrainerState, log: MetricsLog, output: Path, settings
 
 
 def _log_window(log: MetricsLog, window: _Window, step: int, scheduler: Any, grad_norm: float,
-                started: float, progress: Progress, task: Any) -> float:
+                started: float, progress: Progress, task: Any, settings: LoopSettings) -> float:
     loss = window.loss / window.tokens if window.tokens else float("nan")
     elapsed = time.perf_counter() - window.started
     record = {"step": step, "loss": round(loss, 5), "lr": scheduler.get_last_lr()[0],
               "grad_norm": round(grad_norm, 4), "tokens_per_s": round(window.real / max(elapsed, 1e-9), 1),
               "elapsed_s": round(time.perf_counter() - started, 2)}
+    info = f"loss {loss:.4f} · {record['tokens_per_s']:.0f} tok/s"
+    if settings.flops_per_token and settings.peak_flops:
+        record["mfu"] = round(record["tokens_per_s"] * settings.flops_per_token / settings.peak_flops, 4)
+        info += f" · MFU {record['mfu']:.1%}"
     log.write(record)
-    progress.update(task, info=f"loss {loss:.4f} · {record['tokens_per_s']:.0f} tok/s")
+    progress.update(task, info=info)
     return loss
 
 
