@@ -121,3 +121,16 @@ def test_log_reports_model_flops_utilisation_when_the_peak_is_known(tiny_model, 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
     assert logged and all(r["mfu"] == round(r["tokens_per_s"] * 2e6 / 1e12, 4) for r in logged)
+
+
+def test_embeddings_can_learn_at_a_lower_rate(tiny_model):
+    from finesmith.train.optim import build_optimizer
+
+    model = load(tiny_model)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, embedding_lr_ratio=0.1)
+    embedding = model.get_input_embeddings().weight
+    rates = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert rates[id(embedding)] == (1e-4, 0.1)
+    assert rates[id(model.model.layers[0].mlp.up_proj.weight)] == (1e-3, 0.1)
+    assert rates[id(model.model.norm.weight)] == (1e-3, 0.0)
+    assert len(rates) == sum(1 for p in model.parameters() if p.requires_grad)

@@ -91,6 +91,7 @@ class TrainConfig:
     batch_size: int | str = 8  # examples per micro-batch (packed into one padding-free row), or auto
     packing: bool = False  # micro-batch = one best-fit-decreasing bin of at most pack_tokens tokens
     pack_tokens: int | None = None  # token budget per packed micro-batch (default: max_length)
+    embedding_lr_ratio: float = 1.0  # trainable embeddings / LM head learn at lr × this (e.g. 0.1 for CPT)
     row_tokens: int = ROW_TOKENS  # a micro-batch is split into padding-free rows of at most this many tokens
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 1024  # tokens per example
@@ -167,6 +168,8 @@ class TrainConfig:
             raise FinesmithError(f"config: `lr` must be between 0 and 1, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise FinesmithError(f"config: `warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 < self.embedding_lr_ratio <= 10:
+            raise FinesmithError(f"config: `embedding_lr_ratio` must be in (0, 10], got {self.embedding_lr_ratio}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

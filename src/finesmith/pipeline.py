@@ -191,6 +191,7 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample], model_
         eval_every=config.eval_every, packing=config.packing, pack_tokens=config.resolved_pack_tokens(),
         save_every=config.save_every, keep_checkpoints=config.keep_checkpoints, max_bad_steps=config.max_bad_steps,
         early_stopping_patience=config.early_stopping_patience, optimizer=config.optimizer,
+        embedding_lr_ratio=config.embedding_lr_ratio,
         report_to=tuple(config.report_to), **utilisation_inputs(model_config, config, train_set))
 
 

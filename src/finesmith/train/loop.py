@@ -57,6 +57,7 @@ class LoopSettings:
     early_stopping_patience: int = 0
     optimizer: str = "adamw"
     report_to: tuple[str, ...] = ()
+    embedding_lr_ratio: float = 1.0  # learning-rate multiplier for trainable embeddings / LM head
     flops_per_token: float = 0.0  # with peak_flops: model FLOPs utilisation in the log (GPUs)
     peak_flops: float = 0.0
 
@@ -189,7 +190,8 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     """
     device = next(model.parameters()).device
     seed_everything(settings.seed)
-    optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.optimizer)
+    optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.optimizer,
+                                settings.embedding_lr_ratio)
     scheduler = warmup_cosine(optimizer, settings.total_steps, settings.warmup_steps)
     state = TrainerState(step=0, micro_batches=0)
     if resume:

@@ -11,7 +11,11 @@ import torch
 from finesmith.errors import FinesmithError
 
 
-def build_optimizer(model: Any, lr: float, weight_decay: float, kind: str = "adamw") -> torch.optim.Optimizer:
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
+def build_optimizer(model: Any, lr: float, weight_decay: float, kind: str = "adamw",
+                    embedding_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D).
 
     Args:
@@ -20,18 +24,23 @@ def build_optimizer(model: Any, lr: float, weight_decay: float, kind: str = "ada
         weight_decay: decoupled weight decay for matrices.
         kind: `adamw` (torch), or `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only:
             8-bit moments use a quarter of the memory; paged moments can spill to CPU memory).
+        embedding_lr_ratio: trainable input/output embeddings get `lr * embedding_lr_ratio`
+            (continued pre-training often trains them more gently than the rest).
     Returns:
         The optimizer.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            embedding = any(part in EMBEDDING_MODULES for part in name.split("."))
+            groups.setdefault((param.ndim >= 2, embedding), []).append(param)
+    param_groups = [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+                     "lr": lr * (embedding_lr_ratio if embedding else 1.0)}
+                    for (decay, embedding), params in sorted(groups.items())]
     if kind != "adamw":
-        return _bitsandbytes_adamw(kind, [g for g in groups if g["params"]], lr)
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), fused=fused or None)
+        return _bitsandbytes_adamw(kind, param_groups, lr)
+    fused = torch.cuda.is_available() and all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 def check_optimizer_supported(kind: str) -> None:
