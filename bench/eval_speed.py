@@ -62,7 +62,7 @@ def main() -> None:
     results = {"model": MODEL, "examples": n, "shots": 0, "labels": 15, "max_new_tokens": 12, "batch_size": 16,
                "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(),
-               "note": "shared CPU: other jobs may have run at the same time, so the figures may be pessimistic"}
+               "load_average_1m_at_start": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for scoring in ("generate", "loglik"):
         results[scoring] = time_scoring(model, tokenizer, examples, scoring)
