@@ -143,13 +143,19 @@ def _read_text(path: str) -> tuple[str | None, Record | None]:
     return text, None
 
 
+def _bom_warning(text: str) -> str | None:
+    if text.startswith(BOM):
+        return "file starts with a byte-order mark (BOM); it is skipped, but some tools choke on it"
+    return None
+
+
 def _json_array_records(path: str) -> Iterator[Record]:
     """Elements of a top-level JSON array, each located by the line it starts on."""
     text, bad = _read_text(path)
     if bad:
         yield bad
         return
-    warning = "file starts with a byte-order mark (BOM); it is skipped, but some tools choke on it" if text.startswith(BOM) else None
+    warning = _bom_warning(text)
     text = text.lstrip(BOM)
     decoder = json.JSONDecoder()
     index = _skip_space(text, 0)
@@ -185,7 +191,7 @@ def _csv_records(path: str) -> Iterator[Record]:
     if bad:
         yield bad
         return
-    warning = "file starts with a byte-order mark (BOM); it is skipped, but some tools choke on it" if text.startswith(BOM) else None
+    warning = _bom_warning(text)
     reader = csv.DictReader(text.lstrip(BOM).splitlines(keepends=True))
     try:
         if reader.fieldnames is None:

@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from finesmith.data.tokenize import TokenizedExample, bos_to_prepend, text_token
 from finesmith.domain.ingest import Corpus, Document, ingest_corpus
 from finesmith.domain.vocab import add_domain_tokens, candidate_terms, general_english_text
 from finesmith.errors import FinesmithError
+from finesmith.folders import fresh_folder
 
 OBJECTIVES = ("cpt", "sft")
 STAGE_ONLY_KEYS = ("name", "objective", "corpus", "replay_ratio", "add_tokens")
@@ -276,11 +276,7 @@ def run_stages(path: str, overrides: list[str] | None = None, overwrite: bool = 
     output = Path(raw.get("output") or "")
     if not raw.get("output") or not raw.get("model"):
         raise FinesmithError(f"{path}: a staged config needs top-level `model` and `output`")
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise FinesmithError(f"{output} already holds a run; choose another output or pass --overwrite")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    fresh_folder(output, overwrite, option="output")
     report: dict[str, Any] = {"config": str(path), "base_model": raw["model"], "stages": []}
     model_spec, started = str(raw["model"]), time.perf_counter()
     for index, stage in enumerate(stages):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from finesmith.errors import FinesmithError
+from finesmith.folders import fresh_folder
 from finesmith.export import FORMATS, QUANTS
 from finesmith.export.card import model_card
 from finesmith.export.gguf import check_exportable, write_gguf
@@ -88,9 +88,4 @@ def prepare_folder(output: Path, overwrite: bool, run: Path) -> Path:
     """Create the export folder; never write into the run itself or over other files."""
     if output.resolve() == run.resolve():
         raise FinesmithError(f"--output {output} is the run folder itself; choose a new folder")
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise FinesmithError(f"{output} is not empty; choose another --output or pass --overwrite")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+    return fresh_folder(output, overwrite)
