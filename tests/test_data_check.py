@@ -15,7 +15,7 @@ from finesmith.cli import main
 from finesmith.config import load_config
 from finesmith.data.formats import Example, TextExample
 from finesmith.data.show import masked_text
-from finesmith.data.template import CHATML_TOKENS, ensure_chat_template
+from finesmith.core.templates import CHATML_TOKENS, ensure_chat_template
 from finesmith.data.tokenize import rendered_lengths, text_tokens, text_windows, tokens_and_mask
 from finesmith.data.validate import check_data
 

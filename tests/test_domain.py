@@ -214,7 +214,7 @@ def test_two_stage_run_writes_both_stages_and_stages_json(tiny_model: str, tmp_p
         for part in ("domain", "general"):
             assert pre[when][part]["word_perplexity"] > 1
     assert (tmp_path / "run" / "pretrain" / "adapter_model.safetensors").is_file()
-    assert sft["base_model"] == pre["merged"] == str(tmp_path / "run" / "pretrain" / "merged")
+    assert sft["base_model"] == pre["merged"] == str(tmp_path / "run" / "merged" / "pretrain")
     assert (tmp_path / "run" / "sft" / "model.safetensors").is_file()
     assert sft["task"]["n"] == 3 and 0 <= sft["task"]["accuracy"] <= 1
     from transformers import AutoTokenizer

@@ -74,7 +74,7 @@ def test_packed_training_run_reports_efficiency(tiny_model, qa_files, tmp_path, 
     assert f"{len(bins)} optimizer steps" in stdout  # one bin per micro-batch, one epoch
 
 
-def test_rotation_orders_by_step_number_and_keeps_the_best(tmp_path):
+def test_rotation_orders_by_step_number(tmp_path):
     for step, loss in [(9, 0.5), (10, 0.9), (99, None), (100, 0.8)]:
         folder = tmp_path / "checkpoints" / f"step-{step}"
         folder.mkdir(parents=True)
@@ -82,7 +82,7 @@ def test_rotation_orders_by_step_number_and_keeps_the_best(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step-101-x").mkdir()  # an unfinished write is not a checkpoint
     assert [s for s, _ in list_checkpoints(tmp_path)] == [9, 10, 99, 100]
     rotate_checkpoints(tmp_path, keep=2)
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [9, 99, 100]  # newest two + best eval loss (step 9)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [99, 100]  # newest two (the best lives in best/)
 
 
 def interrupt_after(calls: int):
@@ -162,7 +162,8 @@ def test_eval_samples_and_early_stopping(tiny_model, tmp_path):
                  on_eval=lambda model, step: sampled.append(step))
     assert result.stopped_early and result.steps == 6  # evals at 2 (best), 4, 6 (two without improvement)
     assert sampled == [2, 4, 6]
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 6]  # newest (the early stop) + best by eval loss
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [6]  # newest (the early stop); the best is kept apart
+    assert result.restored_best and result.best_step == 2
 
 
 def test_samples_file_and_auto_settings_in_resolved_config(tiny_model, qa_files, tmp_path, capsys):
@@ -212,7 +213,7 @@ def wait_for(condition, process, seconds=120):
 
 def resume_args(tiny_model, train, output, max_steps):
     return ["train", "--model", tiny_model, "--data", train, "--output", output, "--max-steps", max_steps,
-            "--batch-size", "2", "log_every=1", "save_every=2", "--resume"]
+            "--batch-size", "2", "log_every=1", "save_every=2", "--resume", "--extend"]
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(tiny_model, qa_files, tmp_path, capsys):
@@ -249,9 +250,10 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tiny_model, qa_
     out = tmp_path / "run"
     assert main(["train", "--model", tiny_model, "--data", qa_files[0], "--output", out, "--max-steps", "2"]) == 0
     assert main(["train", "--model", tiny_model, "--data", qa_files[0], "--output", out, "--max-steps", "3",
-                 "--seed", "7", "--resume"]) == 2
+                 "--seed", "7", "--resume", "--extend"]) == 2
     err = capsys.readouterr().err
     assert "settings differ" in err and "seed: 42 -> 7" in err
     shutil.rmtree(out / "checkpoints")
-    assert main(["train", "--model", tiny_model, "--data", qa_files[0], "--output", out, "--resume"]) == 2
+    assert main(["train", "--model", tiny_model, "--data", qa_files[0], "--output", out, "--max-steps", "3",
+                 "--resume", "--extend"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err

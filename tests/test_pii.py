@@ -22,6 +22,7 @@ from finesmith.data.pii import (
     redact,
     redact_file,
     scan_file,
+    scan_text,
 )
 from finesmith.errors import FinesmithError
 
@@ -233,6 +234,17 @@ def test_report_never_contains_values(tmp_path: Path) -> None:
         dumped = repr(report) + repr(report.counts())
         assert len(report.findings) == 4
         assert not any(secret in dumped for secret in secrets)
+
+
+def test_scan_text_locates_values_and_counts_as_scan_file(tmp_path: Path) -> None:
+    text = "intro\n\nmail a@example.com\ncard 4111 1111 1111 1111 and b@example.org\n"
+    src = tmp_path / "doc.txt"
+    src.write_text(text, encoding="utf-8")
+    found = scan_text(text, "doc.txt", 1)
+    assert [(f.line, f.kind) for f in found] == [(3, "EMAIL"), (4, "CREDIT_CARD"), (4, "EMAIL")]
+    assert sorted(f.kind for f in found) == sorted(f.kind for f in scan_file(src).findings)
+    assert {f.line for f in scan_text(text, "rows.jsonl", 7, count_lines=False)} == {7}
+    assert not any(secret in repr(found) for secret in ("a@example.com", "4111"))
 
 
 def test_scan_handles_bytes_that_are_not_utf8(tmp_path: Path) -> None:

@@ -55,7 +55,11 @@ def build_parser() -> Parser:
                        help="check config and data, print the predicted memory and time, train nothing "
                        "(exit non-zero when it would not fit)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --output from its latest complete checkpoint")
+                       help="continue the run in --output from its latest complete checkpoint (staged runs: "
+                            "finished stages are skipped)")
+    train.add_argument("--extend", action="store_true",
+                       help="with --resume: continue to another max_steps/epochs (usually larger); the remaining steps follow a "
+                            "new cosine from the current learning rate")
     train.add_argument("--skip-invalid", action="store_true", default=None,
                        help="drop invalid examples (counted) instead of refusing; see max_invalid_fraction")
 
@@ -167,11 +171,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from finesmith.domain.stages import has_stages, run_stages
     from finesmith.train.loop import Preempted
 
+    if args.extend and not args.resume:
+        raise FinesmithError("--extend continues a run to a new horizon; use it together with --resume")
     if has_stages(path):  # continued pre-training then instruction tuning, one stage after another
         try:
-            run_stages(path, positional, overwrite=args.overwrite, flags=flags)
+            run_stages(path, positional, overwrite=args.overwrite, flags=flags, resume=args.resume,
+                       dry_run=args.dry_run)
         except Preempted as stopped:
-            sys.stderr.write(f"{stopped}; staged runs restart from the beginning (rerun with --overwrite)\n")
+            sys.stderr.write(f"{stopped}; continue the staged run with the same command plus --resume\n")
             return EXIT_PREEMPTED
         return 0
     if args.dry_run:
@@ -179,10 +186,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         dry_run(load_config(path, positional, flags))
         return 0
-    from finesmith.train.loop import Preempted
-
     try:
-        train(load_config(path, positional, flags), overwrite=args.overwrite, resume=args.resume)
+        train(load_config(path, positional, flags), overwrite=args.overwrite, resume=args.resume,
+              extend=args.extend)
     except Preempted as stopped:
         sys.stderr.write(f"{stopped}; continue with the same command plus --resume\n")
         return EXIT_PREEMPTED
@@ -190,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from finesmith.pipeline import console
+    from finesmith.core.console import console
 
     if args.data_command == "vocab":
         from finesmith.domain.vocab import corpus_vocab_report, format_report
@@ -225,7 +231,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from finesmith.evaluate.report import print_result
-    from finesmith.pipeline import console, evaluate
+    from finesmith.core.console import console
+    from finesmith.pipeline import evaluate
 
     result = evaluate(args.model, args.data, args.adapter, args.shots_from, eval_options(args), args.limit)
     print_result(console, result, f"{result.task} · {args.shots}-shot · {args.data}")
@@ -240,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from finesmith.evaluate.compare import compare
-    from finesmith.pipeline import console
+    from finesmith.core.console import console
 
     compare(args.data, args.base, args.runs, Path(args.output), args.shots_from, eval_options(args), args.limit)
     console.print(f"report written to {Path(args.output) / 'report.md'} and {Path(args.output) / 'report.html'}")
@@ -278,6 +285,9 @@ def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
+    serve.add_argument("--queue-size", type=int, default=32, metavar="N",
+                       help="requests that may wait for the model while one runs; beyond that clients get "
+                            "HTTP 429 with Retry-After (default 32)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -303,7 +313,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from finesmith.serve.server import serve
 
-    serve(args.run, args.host, args.port, args.api_key)
+    serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size)
 
 
 def add_advise_command(sub: argparse._SubParsersAction) -> None:
@@ -333,19 +343,9 @@ COMMANDS = {"train": cmd_train, "advise": cmd_advise, "eval": cmd_eval, "compare
             "export": cmd_export, "chat": cmd_chat, "serve": cmd_serve}
 
 
-def quiet_libraries() -> None:
-    """Keep library progress bars and advisory warnings out of the user's terminal."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-
-
 def main(argv: list[str] | None = None) -> int:
+    from finesmith.core.console import quiet_libraries
+
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:

@@ -1,43 +1,44 @@
-"""The table of contents: config → data → model → train → evaluate → save."""
+"""The table of contents: config → data → model → train → evaluate → save.
+
+`train` writes the run record (`run.json`, see `finesmith.run`) before the first step and
+updates it when the run ends; every later command reads the run through that record.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import hashlib
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from rich.console import Console
+import numpy as np
 
 from finesmith.config import TrainConfig, save_config
+from finesmith.core.console import console
+from finesmith.core.device import pick_device
+from finesmith.core.templates import stop_token_ids
 from finesmith.data.cache import data_cache_key, load_tokenized, save_tokenized
 from finesmith.data.formats import load_examples
-from finesmith.data.template import load_chat_tokenizer, modules_for_new_tokens, resize_embeddings
-from finesmith.data.validate import MIN_EXAMPLES, load_checked, refuse_sensitive
+from finesmith.data.pack import pack_bins, packing_efficiency
 from finesmith.data.tokenize import TokenizedExample, tokenize_examples
+from finesmith.data.validate import MIN_EXAMPLES, load_checked, refuse_sensitive
 from finesmith.errors import FinesmithError
-from finesmith.evaluate.generate import stop_token_ids
 from finesmith.evaluate.tasks import EvalOptions, EvalResult, evaluate_examples
-from finesmith.data.pack import pack_batch, pack_bins, packing_efficiency, pad_batch
-from finesmith.model.methods import (apply_method, check_method_supported, count_parameters, load_base_model,
-                                     load_for_inference)
+from finesmith.folders import fresh_folder
+from finesmith.model.load import embedding_module_names, load_chat_tokenizer, model_fingerprint, resize_embeddings
+from finesmith.model.methods import (Method, apply_method, check_method_supported, count_parameters, get_method,
+                                     load_base_model, load_for_inference, trained_in_full)
+from finesmith.run import RunRecord, versions, write_record
 from finesmith.train.auto import resolve_auto
-from finesmith.train.loop import LoopSettings, TrainResult, fit, seed_everything, steps_per_epoch
-from finesmith.train.objectives import sft_loss, uses_virtual_tokens, virtual_sft_loss
+from finesmith.train.loop import LoopSettings, Preempted, TrainResult, fit, seed_everything, steps_per_epoch
 from finesmith.train.optim import check_optimizer_supported
-from finesmith.train.resume import check_same_run, find_resume_checkpoint
+from finesmith.train.resume import check_same_run, find_resume_checkpoint, resumed_schedule
 from finesmith.train.samples import SampleWriter
 from finesmith.train.tracking import check_trackers_installed
 
-console = Console(highlight=False)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["TrainOutcome", "console", "dry_run", "evaluate", "pick_device", "train"]
 
 
 @dataclass
@@ -48,54 +49,130 @@ class TrainOutcome:
     total: int
 
 
-def train(config: TrainConfig, overwrite: bool = False, resume: bool = False) -> TrainOutcome:
+@dataclass
+class PreparedData:
+    """Tokenized examples and what identifies them in the run record."""
+
+    examples: list[TokenizedExample]
+    fingerprint: dict[str, Any]
+
+
+def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, extend: bool = False) -> TrainOutcome:
     """Run one fine-tuning job described by `config`; write everything to `config.output`.
 
-    With `resume`, continue the run in `config.output` from its latest complete checkpoint.
-    Raises `finesmith.train.loop.Preempted` (after saving a checkpoint) on SIGTERM/SIGINT.
+    With `resume`, continue the run in `config.output` from its latest complete checkpoint
+    (refused when the model, data, settings or horizon differ; `extend` allows a longer
+    horizon). Raises `finesmith.train.loop.Preempted` (after saving a checkpoint) on SIGTERM/SIGINT.
     """
     # Everything that can fail without the model is checked before the (slow) model load.
+    method = get_method(config.method)
     check_method_supported(config)
     check_optimizer_supported(config.optimizer)
     check_trackers_installed(config.report_to)
     output = Path(config.output)
-    if resume:
-        console.print(f"resuming from {find_resume_checkpoint(output)}")
-    else:
-        prepare_output(output, overwrite)
+    previous = find_resume_checkpoint(output, extend) if resume else None
+    if previous:
+        console.print(f"resuming from {previous[1]}")
     tokenizer, added_tokens = load_chat_tokenizer(config.model, notify=console.print)
-    train_set = prepare_data(tokenizer, config.data.path, config, "train")
-    eval_set = prepare_data(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
-    config, chosen = resolve_auto(config, len(train_set))
+    train_data = prepare_data(tokenizer, config.data.path, config, "train")
+    eval_data = prepare_data(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
+    config, chosen = resolve_auto(config, len(train_data.examples))
     if chosen:
         console.print("auto settings: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()) +
-                      f" (from {len(train_set)} examples, method {config.method})")
-    if resume:
-        check_same_run(output, config)
+                      f" (from {len(train_data.examples)} examples, method {config.method})")
+    settings = loop_settings(config, train_data.examples)
+    record = new_record(config, method, tokenizer, added_tokens, train_data, eval_data, settings)
+    if previous:
+        run, checkpoint = previous
+        check_same_run(run.record, record, output)
+        record.schedule = resumed_schedule(run.record.schedule, settings.total_steps, checkpoint_step(checkpoint),
+                                           extend, output)
+        record.created = run.record.created
+        settings = dataclasses.replace(settings, planned_steps=record.schedule["planned_steps"],
+                                       extensions=tuple(tuple(e) for e in record.schedule.get("extensions", [])))
+    else:
+        prepare_output(output, overwrite)
     base = load_base_model(config, str(pick_device()))
-    config = fit_new_tokens(base, tokenizer, config, added_tokens)
+    trained_config = fit_new_tokens(base, tokenizer, config, added_tokens)
     seed_everything(config.seed)  # adapter initialisation is random too
-    model = apply_method(base, config)
+    model = apply_method(base, trained_config)
     trainable, total = count_parameters(model)
     console.print(f"method {config.method}: {trainable:,} trainable parameters of {total:,} "
                   f"({100 * trainable / total:.2f}%)")
-    settings = loop_settings(config, train_set, base.config)
+    settings = dataclasses.replace(settings, **utilisation_inputs(base.config, config, train_data.examples))
     per_step = (f"bins of ≤{settings.pack_tokens} tokens" if settings.packing else "examples")
     console.print(f"{settings.total_steps} optimizer steps · {settings.batch_size if not settings.packing else 1}"
                   f"×{config.grad_accum} {per_step} per step · lr {settings.lr:g}")
-    save_config(config, output / "config.yaml")
-    virtual = uses_virtual_tokens(model)
-    result = fit(model, train_set, settings, output, eval_set, objective=virtual_sft_loss if virtual else sft_loss,
-                 collate=pad_batch if virtual else functools.partial(pack_batch, row_tokens=config.row_tokens),
-                 resume=resume,
-                 on_eval=sample_writer(tokenizer, config, output), run_config=config.to_dict())
+    record.method["trained_in_full"] = trained_in_full(model) or (["all"] if config.method == "full" else [])
+    record.tokenizer["vocab_size"] = int(base.get_input_embeddings().num_embeddings)
+    write_record(output, record)
+    save_config(trained_config, output / "config.yaml")
+    try:
+        result = fit(model, train_data.examples, settings, output, eval_data.examples if eval_data else None,
+                     objective=method.objective("sft"), collate=method.collate(config.row_tokens), resume=resume,
+                     on_eval=sample_writer(tokenizer, config, output), run_config=trained_config.to_dict())
+    except Preempted as stopped:
+        record.state, record.result = "preempted", {"steps": stopped.step, "checkpoint": str(stopped.checkpoint)}
+        write_record(output, record)
+        raise
+    except BaseException as exc:
+        record.state, record.error = "failed", (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        write_record(output, record)
+        raise
     save_model(model, tokenizer, output)
+    record.state, record.resumable = "finished", not result.restored_best
+    record.result = {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
+                     "best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
+                     "restored_best": result.restored_best, "stopped_early": result.stopped_early,
+                     "skipped_steps": result.skipped_steps, "seconds": round(result.seconds, 2),
+                     "tokens_per_second": round(result.tokens_per_second, 1)}
+    write_record(output, record)
+    report_outcome(result, output)
+    return TrainOutcome(output, result, trainable, total)
+
+
+def report_outcome(result: TrainResult, output: Path) -> None:
     if result.skipped_steps:
         console.print(f"{result.skipped_steps} steps skipped because of non-finite loss or gradient")
+    if result.stopped_early:
+        console.print(f"early stop at step {result.steps}: no eval improvement since step {result.best_step}")
+    if result.restored_best:
+        console.print(f"ended with the best weights: step {result.best_step} (eval loss {result.best_eval_loss:.4f})")
     eval_text = f" · eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"done in {result.seconds:.0f}s · final loss {result.final_loss:.4f}{eval_text} · "
                   f"{result.tokens_per_second:.0f} tok/s · saved to {output}")
-    return TrainOutcome(output, result, trainable, total)
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.split("-")[-1])
+
+
+def new_record(config: TrainConfig, method: Method, tokenizer: Any, added_tokens: list[str], train_data: PreparedData,
+               eval_data: PreparedData | None, settings: LoopSettings) -> RunRecord:
+    """The run record as known before the model is loaded (the model fills in the rest)."""
+    return RunRecord(
+        config=config.to_dict(),
+        base_model={"spec": portable_spec(config.model), "fingerprint": model_fingerprint(config.model)},
+        tokenizer={"added_tokens": list(added_tokens), "vocab_size": len(tokenizer),
+                   "template_source": "chatml" if added_tokens or _is_fallback(tokenizer) else "model"},
+        method={"name": method.name, "adapter": method.adapter, "layout": method.layout,
+                "mergeable": method.mergeable, "trained_in_full": []},
+        data={"train": train_data.fingerprint, **({"eval": eval_data.fingerprint} if eval_data else {})},
+        schedule={"planned_steps": settings.total_steps, "total_steps": settings.total_steps,
+                  "warmup_steps": settings.warmup_steps, "lr": settings.lr, "extensions": []},
+        versions=versions())
+
+
+def _is_fallback(tokenizer: Any) -> bool:
+    from finesmith.core.templates import CHATML_TEMPLATE
+
+    return getattr(tokenizer, "chat_template", None) == CHATML_TEMPLATE
+
+
+def portable_spec(spec: str) -> str:
+    """A model spec that still names the same model from another folder: local paths made absolute."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def dry_run(config: TrainConfig) -> None:
@@ -107,43 +184,38 @@ def dry_run(config: TrainConfig) -> None:
 
     check_method_supported(config)
     tokenizer, _ = load_chat_tokenizer(config.model, notify=console.print)
-    train_set = prepare_data(tokenizer, config.data.path, config, "train")
+    train_data = prepare_data(tokenizer, config.data.path, config, "train")
     if config.eval_data:
         prepare_data(tokenizer, config.eval_data, config, "eval")
-    config, _ = resolve_auto(config, len(train_set))
-    check_run(config, train_set, console)
+    config, _ = resolve_auto(config, len(train_data.examples))
+    check_run(config, train_data.examples, console)
 
 
 def prepare_output(output: Path, overwrite: bool) -> Path:
-    """Create the run folder; refuse to mix a new run into an old one unless asked."""
-    if (output / "config.yaml").exists():
-        if not overwrite:
-            raise FinesmithError(f"{output} already holds a run; choose another --output or pass --overwrite")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+    """Create the run folder; never mix a new run into an old one, never delete what finesmith did not write."""
+    return fresh_folder(output, overwrite)
 
 
 def fit_new_tokens(model: Any, tokenizer: Any, config: TrainConfig, added_tokens: list[str]) -> TrainConfig:
     """Resize the embeddings for tokens the chat-template fallback added; adapters then train those rows too."""
-    if not added_tokens or not resize_embeddings(model, tokenizer):
+    if not added_tokens or not resize_embeddings(model, len(tokenizer)):
         return config
     if config.method not in ("lora", "qlora"):
         return config
-    extra = [m for m in modules_for_new_tokens(model) if m not in (config.lora.modules_to_save or [])]
+    extra = [m for m in embedding_module_names(model) if m not in (config.lora.modules_to_save or [])]
     console.print(f"new tokens {', '.join(added_tokens)}: also training {', '.join(extra)} in full")
     return dataclasses.replace(config, lora=dataclasses.replace(
         config.lora, modules_to_save=list(config.lora.modules_to_save or []) + extra))
 
 
-def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> list[TokenizedExample]:
+def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> PreparedData:
     """Validate, tokenize and mask a data file, reusing the on-disk cache when nothing changed.
 
     Refuses invalid rows (or drops them with `skip_invalid`), sensitive data with
     `refuse_pii`, and preference pairs (not trainable yet), each with a one-line error.
     """
     if config.refuse_pii:
-        refuse_sensitive(path)
+        refuse_sensitive(path, config.data.format, config.data.fields)
     data = config.data
     key = data_cache_key(path, tokenizer, config.max_length, data.format, data.fields, config.truncation,
                          config.skip_invalid, config.max_invalid_fraction)
@@ -169,10 +241,20 @@ def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> l
                   f"{stats.supervised_tokens:,} trained" + (f" ({'; '.join(notes)})" if notes else ""))
     if not tokenized:
         raise FinesmithError(f"{path}: no trainable examples left; raise max_length (now {config.max_length}) or check the data")
-    return tokenized
+    return PreparedData(tokenized, {"path": portable_spec(path), "cache_key": key, "examples": len(tokenized),
+                                    "tokens": stats.tokens, "tokens_sha256": tokens_fingerprint(tokenized)})
 
 
-def loop_settings(config: TrainConfig, train_set: list[TokenizedExample], model_config: Any = None) -> LoopSettings:
+def tokens_fingerprint(examples: list[TokenizedExample]) -> str:
+    """SHA-256 of the tokens and masks in order: identifies exactly the data a run trained on."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.packbits(np.asarray(ex.supervised, dtype=bool)).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> LoopSettings:
     """Loop settings from a config whose `auto` values are resolved (see `resolve_auto`)."""
     if config.packing:
         lengths = [len(ex) for ex in train_set]
@@ -192,11 +274,13 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample], model_
         save_every=config.save_every, keep_checkpoints=config.keep_checkpoints, max_bad_steps=config.max_bad_steps,
         early_stopping_patience=config.early_stopping_patience, optimizer=config.optimizer,
         embedding_lr_ratio=config.embedding_lr_ratio,
-        report_to=tuple(config.report_to), **utilisation_inputs(model_config, config, train_set))
+        report_to=tuple(config.report_to))
 
 
 def utilisation_inputs(model_config: Any, config: TrainConfig, train_set: list[TokenizedExample]) -> dict[str, float]:
     """FLOPs per token and the GPU's dense peak, so the log can show MFU (CUDA only)."""
+    import torch
+
     from finesmith.advise.model_shape import ModelShape
     from finesmith.advise.timing import GPU_PEAK_FLOPS, flops_per_token, gpu_family
 

@@ -54,7 +54,8 @@ def measure_here(model: str, method: str, max_length: int, batch_size: int, step
         The Measurement.
     """
     from finesmith.config import load_config
-    from finesmith.pipeline import console, train
+    from finesmith.core.console import console
+    from finesmith.pipeline import train
 
     console.quiet = True  # the caller wants one JSON line, not the training log
     with tempfile.TemporaryDirectory(prefix="finesmith-measure-") as tmp:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--data")
     args = parser.parse_args(argv)
-    from finesmith.cli import quiet_libraries
+    from finesmith.core.console import quiet_libraries
 
     quiet_libraries()
     result = measure_here(args.model, args.method, args.max_length, args.batch_size, args.steps, args.data)

@@ -9,6 +9,7 @@ Public API::
     KINDS                      kinds detected, in priority order
     find_sensitive(text)       -> list[Match]   spans in one string
     redact(text)               -> str           each span replaced by "<KIND>"
+    scan_text(text, path)      -> list[Finding] what one string from a file contains
     scan_file(path)            -> ScanReport    what a file contains (no values)
     redact_file(src, dst)      -> ScanReport    write a redacted copy of src to dst
     luhn_valid(number), iban_valid(iban)        the checksums, for callers' own checks
@@ -499,6 +500,28 @@ def _redact_counting(text: str) -> tuple[str, list[str]]:
 def redact(text: str) -> str:
     """``text`` with every sensitive span replaced by ``<KIND>``, e.g. ``<EMAIL>``."""
     return _redact_counting(text)[0]
+
+
+def scan_text(text: str, path: str, line: int = 1, *, count_lines: bool = True) -> list[Finding]:
+    """Findings in one string read from ``path`` at ``line``, in line order; never the values.
+
+    Passes repeat to the fixed point, as in ``redact``, so the kinds and counts are those
+    redaction replaces. With ``count_lines`` (a whole document) a finding's line is ``line``
+    plus the line breaks before its value; without (one value of a row), it is ``line``.
+    A value found only in a later pass is located in the partly redacted text, which has
+    the same line breaks unless a multi-line private key was replaced before it.
+    """
+    findings: list[Finding] = []
+    while matches := find_sensitive(text):
+        breaks, counted = 0, 0
+        for m in matches:  # sorted by start: count each stretch of the text once
+            if count_lines:
+                breaks += text.count("\n", counted, m.start)
+                counted = m.start
+            findings.append(Finding(path, line + breaks, m.kind))
+        text = _substitute(text, matches)
+    findings.sort(key=lambda finding: finding.line)
+    return findings
 
 
 # ---------------------------------------------------------------------------

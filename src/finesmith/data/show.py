@@ -101,7 +101,7 @@ def data_check(path: str, model: str, max_length: int, fmt: str = "auto", fields
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from finesmith.data.formats import parse_records
-    from finesmith.data.template import load_chat_tokenizer
+    from finesmith.model.load import load_chat_tokenizer
     from finesmith.data.validate import check_data
 
     console = console or Console(highlight=False)

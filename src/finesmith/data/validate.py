@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from finesmith.data.formats import AnyExample, Example, PreferenceExample, TextExample, parse_records
-from finesmith.data.load import Record
+from finesmith.data.load import Record, data_kind
+from finesmith.data.pii import KINDS, Finding, scan_text
 from finesmith.data.tokenize import rendered_lengths
 from finesmith.errors import FinesmithError
 
@@ -256,18 +257,107 @@ def load_checked(path: str, fmt: str = "auto", fields: dict[str, str] | None = N
     return examples
 
 
-def refuse_sensitive(path: str) -> None:
-    """Raise when a data file contains sensitive data (counts and first location, never values)."""
-    from finesmith.data.pii import scan_file
+def refuse_sensitive(path: str, fmt: str = "auto", fields: dict[str, str] | None = None) -> None:
+    """Refuse a data source whose trained text holds sensitive data (PII, secrets).
 
-    if Path(path).is_dir() or not Path(path).exists():
-        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else []
-    else:
-        files = [Path(path)]
-    for file in files:
-        report = scan_file(file)
-        if report.findings:
-            counts = ", ".join(f"{kind} {n}" for kind, n in report.counts().items())
-            first = report.findings[0]
-            raise FinesmithError(f"{file}: sensitive data found ({counts}; first at {first.path}:{first.line}) and "
-                                 f"refuse_pii is set; run `finesmith data scan {file} --redact OUT` and train on OUT")
+    What is scanned is what training trains: every example `parse_records` yields, after
+    `fields` renamed the columns (message contents, instruction/input/output,
+    prompt/completion, text, chosen/rejected), streamed one record at a time from any source
+    `iter_records` reads, hub datasets included. Columns no example uses are never trained,
+    so they are not scanned; rows that do not parse are refused or dropped by training, so
+    neither. A `.pdf`/`.html` file, which only corpus ingestion reads, is scanned in its
+    extracted text. A source that cannot be read is refused, never passed unscanned.
+
+    Args:
+        path: the training or eval data (file, folder, hub dataset id).
+        fmt, fields: the data format and column mapping, as training reads them.
+    Raises:
+        FinesmithError: one line with the counts by kind, the first location and how to
+            clean the source (never a value); or why the source cannot be scanned.
+    """
+    kind = _scanned_kind(path)
+    counts: Counter = Counter()
+    first: Finding | None = None
+    files: set[str] = set()
+    for finding in _sensitive_findings(path, kind, fmt, fields):
+        counts[finding.kind] += 1
+        first = first or finding
+        if kind == "folder":
+            files.add(finding.path)
+    if first is None:
+        return
+    found = ", ".join(f"{name} {counts[name]}" for name in KINDS if counts[name])
+    if len(files) > 1:
+        found += f" in {len(files)} files"
+    where = first.path if kind == "document" else f"{first.path}:{first.line}"
+    raise FinesmithError(f"{path}: sensitive data found ({found}; first at {where}) and refuse_pii is set; "
+                         + _how_to_clean(path, kind))
+
+
+DOCUMENT_SUFFIXES = (".pdf", ".html", ".htm")  # read by corpus ingestion only, not by `iter_records`
+
+
+def _scanned_kind(path: str) -> str:
+    """`data_kind(path)`, or `document` for a .pdf/.html file; raises for a source nothing reads."""
+    try:
+        return data_kind(path)
+    except FinesmithError:
+        if Path(path).is_file() and Path(path).suffix.lower() in DOCUMENT_SUFFIXES:
+            return "document"
+        raise
+
+
+def _sensitive_findings(path: str, kind: str, fmt: str, fields: dict[str, str] | None) -> Iterator[Finding]:
+    """The findings in the trained text of `path`, in source order."""
+    if kind == "document":
+        yield from scan_text(_document_text(path), path, count_lines=False)
+        return
+    for _, example, _ in parse_records(path, fmt, fields):
+        if example is None:
+            continue
+        source, _, line = example.source.rpartition(":")
+        for text in _trained_texts(example):
+            # A .txt/.md example is the whole document, so a finding's line is counted inside it.
+            yield from scan_text(text, source, int(line), count_lines=kind in ("text", "folder"))
+
+
+def _trained_texts(example: AnyExample) -> Iterator[str]:
+    if isinstance(example, TextExample):
+        yield example.text
+        return
+    messages = example.messages if isinstance(example, Example) else example.prompt
+    yield from (m["content"] for m in messages if isinstance(m.get("content"), str))
+    if isinstance(example, PreferenceExample):
+        yield from (example.chosen, example.rejected)
+
+
+def _document_text(path: str) -> str:
+    """The text of a .pdf (its text layer) or .html (its visible text) file."""
+    # The readers live with corpus ingestion, the one user of such files; imported only here.
+    from finesmith.domain.ingest import html_to_text, pdf_to_text
+
+    try:
+        if path.lower().endswith(".pdf"):
+            return pdf_to_text(Path(path))
+        return html_to_text(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FinesmithError(f"{path}: not UTF-8 text, so refuse_pii cannot scan it; re-save it as UTF-8") from None
+    except FinesmithError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise FinesmithError(f"{path}: refuse_pii cannot scan this file: {reason}") from None
+
+
+def _how_to_clean(path: str, kind: str) -> str:
+    """The fix for the refusal: redact a copy where the redactor can write the format, else convert first."""
+    redact = "run `finesmith data scan {} --redact OUT` and train on OUT"
+    if kind in ("jsonl", "json", "csv", "text"):
+        return redact.format(path)
+    if kind == "folder":
+        return "for each file with findings, run `finesmith data scan FILE --redact OUT` and put OUT in its place"
+    if kind == "parquet":
+        return "the redactor cannot write .parquet: export it to .jsonl, then " + redact.format("FILE.jsonl")
+    if kind == "hub":
+        return (f"the redactor cannot write a hub dataset: save it with `datasets.load_dataset('{path}', "
+                f"split='train').to_json('train.jsonl')`, then " + redact.format("train.jsonl"))
+    return (f"training reads no {Path(path).suffix.lower()} files: extract its text to a .txt file, then "
+            + redact.format("FILE.txt"))

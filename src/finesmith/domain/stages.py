@@ -29,7 +29,11 @@ from finesmith.data.tokenize import TokenizedExample, bos_to_prepend, text_token
 from finesmith.domain.ingest import Corpus, Document, ingest_corpus
 from finesmith.domain.vocab import add_domain_tokens, candidate_terms, general_english_text
 from finesmith.errors import FinesmithError
+from finesmith.export.merge import save_merged
 from finesmith.folders import fresh_folder
+from finesmith.run import (RunRecord, has_record, load_run, versions, write_export_record, write_json_atomic,
+                           write_record)
+from finesmith.train.loop import Preempted
 
 OBJECTIVES = ("cpt", "sft")
 STAGE_ONLY_KEYS = ("name", "objective", "corpus", "replay_ratio", "add_tokens")
@@ -214,58 +218,32 @@ def perplexity(model: Any, tokenizer: Any, documents: list[Document], max_length
 def measure_forgetting(model_spec: str, domain_eval: list[Document], general_eval: list[Document],
                        max_length: int) -> dict[str, Any]:
     """Held-out domain and general-English perplexity of a model or run folder."""
+    from finesmith.core.device import pick_device
     from finesmith.model.methods import load_for_inference
-    from finesmith.pipeline import pick_device
 
     model, tokenizer = load_for_inference(model_spec, device=str(pick_device()))
     return {"domain": perplexity(model, tokenizer, domain_eval, max_length),
             "general": perplexity(model, tokenizer, general_eval, max_length)}
 
 
-def merge_run(run: Path, target: Path) -> str:
-    """Fold a PEFT run's adapter into its base weights and save a plain model folder.
-
-    When the adapter trained separate copies of tied input/output embeddings (new tokens
-    with `modules_to_save`), the merged model keeps both, untied, so it computes exactly
-    what was trained.
-    """
-    from finesmith.model.methods import load_for_inference
-
-    model, tokenizer = load_for_inference(str(run))
-    merged = model.merge_and_unload()
-    inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
-    if outputs is not None and outputs.weight.data_ptr() != inputs.weight.data_ptr():
-        merged.config.tie_word_embeddings = False
-        merged.config.get_text_config().tie_word_embeddings = False
-    merged.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    return str(target)
-
-
-def embedding_module_names(model: Any) -> list[str]:
-    """Short names of the input and output embedding modules (e.g. embed_tokens, lm_head)."""
-    found = {id(model.get_input_embeddings()): None, id(model.get_output_embeddings()): None}
-    for name, module in model.named_modules():
-        if id(module) in found and found[id(module)] is None:
-            found[id(module)] = name.rsplit(".", 1)[-1]
-    return [n for n in found.values() if n]
-
-
 # --- the runner ---------------------------------------------------------------------------
 
 def run_stages(path: str, overrides: list[str] | None = None, overwrite: bool = False,
-               flags: dict[str, Any] | None = None) -> dict[str, Any]:
+               flags: dict[str, Any] | None = None, resume: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Run every stage of a staged config and write `OUTPUT/stages.json`.
 
     Args:
         path: YAML file with shared keys and a `stages:` list.
         overrides: `key=value` (shared) or `stages.NAME.key=value` (one stage).
-        overwrite: replace an existing OUTPUT folder.
+        overwrite: replace an existing OUTPUT folder (one finesmith wrote).
         flags: typed top-level values from CLI flags (None values are ignored), applied last.
+        resume: continue an interrupted staged run: finished stages are skipped, the
+            interrupted one resumes from its checkpoint.
+        dry_run: check every stage and print its predicted memory and time; train nothing.
     Returns:
         The stages.json content.
     """
-    from finesmith.pipeline import console
+    from finesmith.core.console import console
 
     raw = read_yaml(path)
     apply_overrides(raw, overrides or [])
@@ -276,40 +254,121 @@ def run_stages(path: str, overrides: list[str] | None = None, overwrite: bool = 
     output = Path(raw.get("output") or "")
     if not raw.get("output") or not raw.get("model"):
         raise FinesmithError(f"{path}: a staged config needs top-level `model` and `output`")
-    fresh_folder(output, overwrite, option="output")
+    if dry_run:
+        return dry_run_stages(stages, str(raw["model"]))
+    previous = _resume_report(output) if resume else None
+    if previous is None:
+        fresh_folder(output, overwrite, option="output")
     report: dict[str, Any] = {"config": str(path), "base_model": raw["model"], "stages": []}
+    record = RunRecord(kind="stages", config={"config": str(path), "stages": [s.settings.name for s in stages]},
+                       base_model={"spec": str(raw["model"])}, versions=versions())
+    if previous is not None:
+        record.created = load_run(output).record.created
+    write_record(output, record)
+    done = {entry["name"]: entry for entry in (previous or {}).get("stages", []) if entry.get("done")}
     model_spec, started = str(raw["model"]), time.perf_counter()
-    for index, stage in enumerate(stages):
-        console.print(f"[bold]stage {index + 1}/{len(stages)}: {stage.settings.name} ({stage.settings.objective})")
-        entry, model_spec = run_stage(stage, model_spec, output, is_last=index == len(stages) - 1)
-        report["stages"].append(entry)
-        report["seconds"] = round(time.perf_counter() - started, 1)
-        (output / "stages.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    try:
+        for index, stage in enumerate(stages):
+            name = stage.settings.name
+            if name in done:
+                entry = done[name]
+                console.print(f"[bold]stage {index + 1}/{len(stages)}: {name} already finished; skipped")
+            else:
+                console.print(f"[bold]stage {index + 1}/{len(stages)}: {name} ({stage.settings.objective})")
+                entry = run_stage(stage, model_spec, output, is_last=index == len(stages) - 1)
+            model_spec = entry["next_model"]
+            report["stages"].append(entry)
+            report["seconds"] = round(time.perf_counter() - started, 1)
+            write_json_atomic(output / "stages.json", report)
+    except Preempted:
+        record.state = "preempted"
+        write_record(output, record)
+        raise
+    except BaseException as exc:
+        record.state, record.error = "failed", (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        write_record(output, record)
+        raise
+    record.state, record.result = "finished", {"final_model": model_spec}
+    write_record(output, record)
     console.print(f"stages done in {report['seconds']:.0f}s · results in {output / 'stages.json'}")
     return report
 
 
-def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool) -> tuple[dict[str, Any], str]:
-    """Train one stage from `model_spec`; return its stages.json entry and the next stage's base model."""
-    from finesmith.pipeline import console, evaluate, train
+def _resume_report(output: Path) -> dict[str, Any]:
+    """The stages.json of the staged run to continue (refused when there is none to continue)."""
+    run = load_run(output)
+    if run.record.kind != "stages":
+        raise FinesmithError(f"--resume: {output} holds a single run, not a staged run; resume it without the "
+                             "staged config")
+    if run.record.state == "finished":
+        raise FinesmithError(f"--resume: the staged run in {output} already finished; start a new one "
+                             "with another output or --overwrite")
+    report = output / "stages.json"
+    return json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {"stages": []}
+
+
+def dry_run_stages(stages: list[Stage], model_spec: str) -> dict[str, Any]:
+    """Check each stage's config and data and print its predicted memory and time; train nothing.
+
+    Later stages start from earlier stages' results, which a dry run does not produce; they
+    are sized on the base model (same shape; tokens a cpt stage would add are not counted).
+    Corpus files of cpt stages are prepared in a temporary folder that is removed afterwards.
+    """
+    import tempfile
+
+    from finesmith.core.console import console
+    from finesmith.pipeline import dry_run
+
+    with tempfile.TemporaryDirectory(prefix="finesmith-dry-run-") as tmp:
+        for index, stage in enumerate(stages):
+            raw = copy.deepcopy(stage.raw)
+            raw.update(model=model_spec, output=str(Path(tmp) / stage.settings.name))
+            console.print(f"[bold]stage {index + 1}/{len(stages)}: {stage.settings.name} ({stage.settings.objective}) "
+                          "· dry run")
+            if stage.settings.objective == "cpt":
+                probe = from_dict(TrainConfig, raw, where="config")
+                prepare_cpt(stage, raw, Path(tmp) / "prepared" / stage.settings.name, {}, probe.seed)
+            dry_run(from_dict(TrainConfig, raw, where="config").validate())
+    return {"dry_run": True, "stages": [s.settings.name for s in stages]}
+
+
+def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool) -> dict[str, Any]:
+    """Train one stage from `model_spec` (resuming it when it was interrupted); return its stages.json entry.
+
+    The entry's `next_model` is what the next stage starts from: the merged weights of an
+    adapter stage, the run folder of a full stage.
+    """
+    from finesmith.core.console import console
+    from finesmith.pipeline import evaluate, train
 
     settings, raw = stage.settings, copy.deepcopy(stage.raw)
     folder = output / settings.name
+    prepared = output / "prepared" / settings.name
     raw.update(model=model_spec, output=str(folder))
     entry: dict[str, Any] = {"name": settings.name, "objective": settings.objective, "base_model": model_spec,
                              "output": str(folder)}
     probe = from_dict(TrainConfig, raw, where="config")  # unknown keys fail before any work
     if settings.objective == "cpt":
-        corpus, domain_eval, general_eval = prepare_cpt(stage, raw, folder, entry, probe.seed)
+        corpus, domain_eval, general_eval = prepare_cpt(stage, raw, prepared, entry, probe.seed)
         if settings.add_tokens:
-            raw["model"] = extend_vocabulary(settings, corpus, model_spec, folder / "base_with_tokens", raw, entry)
+            raw["model"] = extend_vocabulary(settings, corpus, model_spec, prepared / "base_with_tokens", raw, entry)
         entry["before"] = measure_forgetting(model_spec, domain_eval, general_eval, probe.max_length)
         console.print(_ppl_line("before", entry["before"]))
     config = from_dict(TrainConfig, raw, where="config").validate()
-    outcome = train(config)
-    entry.update(method=config.method, steps=outcome.result.steps, train_seconds=round(outcome.result.seconds, 1),
-                 final_loss=outcome.result.final_loss, eval_loss=outcome.result.eval_loss,
-                 trainable_parameters=outcome.trainable)
+    state = load_run(folder).record.state if has_record(folder) else None
+    if state == "finished":
+        console.print(f"stage {settings.name}: training already finished in {folder}")
+        outcome_record = load_run(folder).record
+        entry.update(method=config.method, steps=outcome_record.result.get("steps"),
+                     final_loss=outcome_record.result.get("final_loss"), eval_loss=outcome_record.result.get("eval_loss"))
+    else:
+        can_resume = state in ("preempted", "running") and _has_resumable_checkpoint(folder)
+        if can_resume:
+            console.print(f"stage {settings.name}: resuming the interrupted training in {folder}")
+        outcome = train(config, resume=can_resume, overwrite=state is not None and not can_resume)
+        entry.update(method=config.method, steps=outcome.result.steps, train_seconds=round(outcome.result.seconds, 1),
+                     final_loss=outcome.result.final_loss, eval_loss=outcome.result.eval_loss,
+                     trainable_parameters=outcome.trainable)
     if settings.objective == "cpt":
         entry["after"] = measure_forgetting(str(folder), domain_eval, general_eval, config.max_length)
         console.print(_ppl_line("after", entry["after"]))
@@ -317,17 +376,26 @@ def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool) -> tup
         result = evaluate(str(folder), config.eval_data)
         entry["task"] = {"accuracy": result.accuracy, "n": result.n, "task": result.task, "metrics": result.metrics}
         console.print(f"task accuracy {result.accuracy:.3f} on {result.n} held-out examples")
-    next_spec = str(folder)
+    entry["next_model"] = str(folder)
     if not is_last and config.method != "full":
-        next_spec = merge_run(folder, folder / "merged")
-        entry["merged"] = next_spec
-    return entry, next_spec
+        entry["merged"] = entry["next_model"] = save_merged(folder, output / "merged" / settings.name)
+        write_export_record(Path(entry["merged"]), {"run": str(folder.resolve()), "format": "hf",
+                                                     "method": config.method})
+    entry["done"] = True
+    return entry
+
+
+def _has_resumable_checkpoint(folder: Path) -> bool:
+    from finesmith.train.checkpoint import latest_checkpoint, resumable
+
+    found = latest_checkpoint(folder)
+    return found is not None and resumable(found)
 
 
 def prepare_cpt(stage: Stage, raw: dict[str, Any], folder: Path, entry: dict[str, Any],
                 seed: int) -> tuple[Corpus, list[Document], list[Document]]:
-    """Ingest the stage's corpus, write the training/eval text files, point `raw` at them."""
-    from finesmith.pipeline import console
+    """Ingest the stage's corpus, write the training/eval text files into `folder`, point `raw` at them."""
+    from finesmith.core.console import console
 
     settings = stage.settings
     source = raw.get("data")
@@ -359,10 +427,11 @@ def extend_vocabulary(settings: StageSettings, corpus: Corpus, model_spec: str, 
     """Save the base model with the stage's new tokens added (mean-initialised) and return its folder.
 
     For LoRA the embedding matrices must train too, so they are added to
-    `lora.modules_to_save` unless the config already lists modules there.
+    `lora.modules_to_save` unless the config already lists modules there. A folder left by an
+    interrupted run is reused (the tokens and their initialisation are deterministic).
     """
-    from finesmith.model.load import load_model, load_tokenizer
-    from finesmith.pipeline import console
+    from finesmith.core.console import console
+    from finesmith.model.load import embedding_module_names, load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(model_spec), load_model(model_spec, "cpu")
     terms = settings.add_tokens
@@ -370,8 +439,11 @@ def extend_vocabulary(settings: StageSettings, corpus: Corpus, model_spec: str, 
         terms = [t.term for t in candidate_terms(tokenizer, [d.text for d in corpus.train],
                                                  general_english_text())[:terms]]
     added = add_domain_tokens(model, tokenizer, terms)
-    model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+    if not (target / "config.json").is_file():
+        tmp = target.with_name(f".{target.name}-partial")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(target)
     entry["added_tokens"] = sorted(t.strip() for t in added)
     console.print(f"added {len(added)} tokens: {', '.join(entry['added_tokens'])}")
     if raw.get("method", "lora") != "full":
@@ -387,5 +459,5 @@ def _ppl_line(when: str, measured: dict[str, Any]) -> str:
             f"general English {g['token_perplexity']:.2f}/token ({g['word_perplexity']:.2f}/word)")
 
 
-__all__ = ["CorpusSettings", "StageSettings", "apply_overrides", "has_stages", "lm_examples", "merge_run",
+__all__ = ["CorpusSettings", "StageSettings", "apply_overrides", "has_stages", "lm_examples",
            "parse_stages", "perplexity", "run_stages"]

@@ -33,15 +33,16 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
     Returns:
         (approach name, result) pairs in report order.
     """
+    from finesmith.core.device import pick_device
     from finesmith.model.methods import load_for_inference
-    from finesmith.pipeline import evaluate, pick_device
+    from finesmith.pipeline import evaluate
+    from finesmith.run import load_run
 
     options = (options or EvalOptions()).validate()
     if options.shots and not shots_from:
         raise FinesmithError("--shots needs --shots-from TRAIN.jsonl to draw the examples from")
     for run in runs:
-        if not (Path(run) / "config.yaml").is_file():
-            raise FinesmithError(f"{run}: not a finesmith run folder (no config.yaml); pass the --output of `finesmith train`")
+        load_run(run)  # refuses a folder that is not a run, before any model is loaded
     zero = dataclasses.replace(options, shots=0)
     loaded = load_for_inference(base, device=str(pick_device()))
     entries = [("base · zero-shot", evaluate(base, data, options=zero, limit=limit, loaded=loaded))]

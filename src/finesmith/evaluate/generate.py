@@ -7,17 +7,10 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from finesmith.core.templates import stop_token_ids
 from finesmith.data.tokenize import prompt_ids
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """EOS plus whichever end-of-turn tokens the vocabulary has."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return sorted(ids)
+__all__ = ["eval_progress", "generate", "generate_batch", "stop_token_ids"]
 
 
 def eval_progress() -> Progress:

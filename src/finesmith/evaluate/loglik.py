@@ -120,7 +120,11 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[s
         `scores[i][c]`: summed log-probability of candidate `c`'s answer tokens (end-of-turn
         included) given prompt `i`.
     """
+    from finesmith.model.methods import PADDED, method_of
+
     model.eval()
+    if method_of(model).layout == PADDED:
+        return padded_label_logprobs(model, tokenizer, prompts, candidates)
     scores: list[list[float]] = []
     with eval_progress() as progress:
         task = progress.add_task("label log-likelihood", total=len(prompts))
@@ -136,3 +140,30 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[s
             scores.extend(score_tries(model, pending, len(candidates)))
             progress.advance(task, len(pending))
     return scores
+
+
+@torch.no_grad()
+def padded_label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, Any]]],
+                          candidates: Sequence[str], batch_size: int = 16) -> list[list[float]]:
+    """Label log-likelihood for methods that put virtual tokens in front of every row.
+
+    Prompt and prefix tuning cannot take a token trie (a 4-D mask over one position stream),
+    so each prompt + candidate is scored as its own right-padded row; the tokens scored are
+    the same supervised tokens as in `build_trie`.
+    """
+    from finesmith.data.pack import pad_batch
+    from finesmith.data.tokenize import TokenizedExample
+    from finesmith.train.objectives import virtual_sequence_logprobs
+
+    device = next(model.parameters()).device
+    rows = [TokenizedExample(*map(tuple, tokens_and_mask(tokenizer, answer_only(messages, cand))), "")
+            for messages in prompts for cand in candidates]
+    flat: list[float] = []
+    with eval_progress() as progress:
+        task = progress.add_task("label log-likelihood", total=len(rows))
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(rows[start:start + batch_size]).items()}
+            flat.extend(virtual_sequence_logprobs(model, batch).double().tolist())
+            progress.advance(task, min(batch_size, len(rows) - start))
+    n = len(candidates)
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -13,6 +13,7 @@ from finesmith.export.gguf import check_exportable, write_gguf
 from finesmith.export.merge import RunInfo, copy_adapter, inspect_run, load_merged, save_hf
 from finesmith.export.verify import Check, verify_adapter, verify_gguf, verify_hf
 from finesmith.model.methods import load_for_inference
+from finesmith.run import write_export_record
 
 
 @dataclass
@@ -51,14 +52,14 @@ def export_run(run: str, fmt: str, output: str, quant: str = "f16", verify: bool
     if fmt == "adapter" and not info.adapter:
         raise FinesmithError(f"{run} is a full fine-tune with no adapter; use --format hf or gguf")
     if fmt == "adapter":
-        target = prepare_folder(Path(output), overwrite, info.folder)
+        target = prepare_folder(Path(output), overwrite, info, fmt)
         copy_adapter(info, target)
         files = sorted(p.name for p in target.iterdir())
     else:
         model, tokenizer = load_merged(info.folder)
         if fmt == "gguf":
             check_exportable(model.config)  # before creating anything
-        target = prepare_folder(Path(output), overwrite, info.folder)
+        target = prepare_folder(Path(output), overwrite, info, fmt)
         if fmt == "gguf":
             files = [write_gguf(model, tokenizer, target / gguf_name(info, quant), quant, info.folder.name).name]
         else:
@@ -84,8 +85,12 @@ def verify_export(info: RunInfo, fmt: str, target: Path, quant: str) -> list[Che
     return verify_hf(reference, tokenizer, target)
 
 
-def prepare_folder(output: Path, overwrite: bool, run: Path) -> Path:
-    """Create the export folder; never write into the run itself or over other files."""
-    if output.resolve() == run.resolve():
-        raise FinesmithError(f"--output {output} is the run folder itself; choose a new folder")
-    return fresh_folder(output, overwrite)
+def prepare_folder(output: Path, overwrite: bool, info: RunInfo, fmt: str) -> Path:
+    """Create the export folder and its record; never write into the run itself or over other files."""
+    run = info.folder
+    if output.resolve() == run.resolve() or run.resolve().is_relative_to(output.resolve()):
+        raise FinesmithError(f"--output {output} is or contains the run folder; choose a new folder")
+    fresh_folder(output, overwrite)
+    write_export_record(output, {"run": str(run.resolve()), "format": fmt, "method": info.method,
+                                 "base_model": info.base_model})
+    return output

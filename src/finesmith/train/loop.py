@@ -25,7 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from finesmith.data.pack import IGNORE, pack_batch, pack_bins, split_rows
 from finesmith.data.tokenize import TokenizedExample
 from finesmith.errors import FinesmithError
-from finesmith.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from finesmith.train.checkpoint import (TrainerState, latest_checkpoint, load_best, load_checkpoint, save_best,
+                                        save_checkpoint)
 from finesmith.train.objectives import sft_loss
 from finesmith.train.optim import build_optimizer, warmup_cosine
 from finesmith.train.tracking import MetricsLog
@@ -58,6 +59,8 @@ class LoopSettings:
     optimizer: str = "adamw"
     report_to: tuple[str, ...] = ()
     embedding_lr_ratio: float = 1.0  # learning-rate multiplier for trainable embeddings / LM head
+    planned_steps: int | None = None  # the schedule's original horizon (total_steps unless extended)
+    extensions: tuple[tuple[int, int], ...] = ()  # (at_step, new_total) from `--resume --extend`
     flops_per_token: float = 0.0  # with peak_flops: model FLOPs utilisation in the log (GPUs)
     peak_flops: float = 0.0
 
@@ -73,6 +76,9 @@ class TrainResult:
     skipped_steps: int = 0  # steps skipped because of non-finite numbers (whole run)
     stopped_early: bool = False
     checkpoint: Path | None = None
+    best_step: int | None = None  # step of the lowest eval loss
+    best_eval_loss: float | None = None
+    restored_best: bool = False  # the run ended with the best weights, not the last ones
 
 
 class Preempted(Exception):
@@ -192,13 +198,17 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     seed_everything(settings.seed)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.optimizer,
                                 settings.embedding_lr_ratio)
-    scheduler = warmup_cosine(optimizer, settings.total_steps, settings.warmup_steps)
+    scheduler = warmup_cosine(optimizer, settings.planned_steps or settings.total_steps, settings.warmup_steps,
+                              extensions=settings.extensions)
     state = TrainerState(step=0, micro_batches=0)
     if resume:
         state = load_checkpoint(latest_checkpoint(output), model, optimizer, scheduler)
     stream = itertools.islice(micro_batches(train, settings), state.micro_batches, None)
     log = MetricsLog(output, list(settings.report_to), run_config or {}, state.step if resume else None)
-    save = lambda: save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints)  # noqa: E731
+
+    def save(with_optimizer: bool = True) -> Path:
+        return save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints, with_optimizer)
+
     result = TrainResult(state.step, float("nan"), state.eval_loss, 0.0, 0.0, skipped_steps=state.bad_steps)
     window, started, all_tokens = _Window(), time.perf_counter(), 0
     model.train()
@@ -224,13 +234,16 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
                                                     task, settings)
                     window = _Window()
                 if eval_set and ((settings.eval_every and state.step % settings.eval_every == 0) or last):
-                    _evaluate(model, eval_set, settings, objective, collate, state, log, on_eval)
+                    _evaluate(model, eval_set, settings, objective, collate, state, log, on_eval, output)
                     result.eval_loss = state.eval_loss
                     result.stopped_early = bool(settings.early_stopping_patience and
                                                 state.evals_without_improvement >= settings.early_stopping_patience)
+                if (last or result.stopped_early) and _should_restore_best(settings, state):
+                    result.restored_best = restore_best(output, model, state, log)
                 if last or result.stopped_early or stop.requested or (
                         settings.save_every and state.step % settings.save_every == 0):
-                    result.checkpoint = save()
+                    # Rewound weights cannot be continued, so their checkpoint carries no optimizer state.
+                    result.checkpoint = save(with_optimizer=not result.restored_best)
                 state.eval_loss = None
                 progress.advance(task)
                 if stop.requested and not last:
@@ -243,6 +256,7 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
         log.close()
     result.seconds = time.perf_counter() - started
     result.steps, result.skipped_steps = state.step, state.bad_steps
+    result.best_step, result.best_eval_loss = state.best_step, state.best_eval_loss
     result.tokens_per_second = all_tokens / max(result.seconds, 1e-9)
     return result
 
@@ -316,12 +330,19 @@ def _log_window(log: MetricsLog, window: _Window, step: int, scheduler: Any, gra
 
 
 def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSettings, objective: Objective,
-              collate: Collate, state: TrainerState, log: MetricsLog, on_eval: EvalHook | None) -> None:
-    """Measure eval loss, track the best one for early stopping, run the eval hook."""
+              collate: Collate, state: TrainerState, log: MetricsLog, on_eval: EvalHook | None,
+              output: Path) -> None:
+    """Measure eval loss, keep the best weights so far (with early stopping), run the eval hook.
+
+    The best weights are saved whenever an eval improves, independently of `save_every`,
+    so early stopping can end with them.
+    """
     loss = evaluate_loss(model, eval_set, settings.batch_size, objective, collate)
     state.eval_loss = loss
     if state.best_eval_loss is None or loss < state.best_eval_loss:
-        state.best_eval_loss, state.evals_without_improvement = loss, 0
+        state.best_eval_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
+        if settings.early_stopping_patience:
+            save_best(output, model, state)
     else:
         state.evals_without_improvement += 1
     log.write({"step": state.step, "eval_loss": round(loss, 5)})
@@ -330,10 +351,32 @@ def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSe
     model.train()
 
 
+def _should_restore_best(settings: LoopSettings, state: TrainerState) -> bool:
+    return bool(settings.early_stopping_patience and state.best_step is not None and state.best_step != state.step)
+
+
+def restore_best(output: Path, model: Any, state: TrainerState, log: MetricsLog) -> bool:
+    """Load the best weights saved by `_evaluate` into `model`; log which eval chose them."""
+    best = load_best(output, model)
+    if best is None:
+        return False
+    log.write({"step": state.step, "restored_best_step": best.step, "best_eval_loss": round(best.eval_loss, 5)})
+    return True
+
+
 @torch.no_grad()
 def evaluate_loss(model: Any, examples: Sequence[TokenizedExample], batch_size: int,
-                  objective: Objective = sft_loss, collate: Collate = pack_batch) -> float:
-    """Mean loss per supervised token over `examples`."""
+                  objective: Objective | None = None, collate: Collate | None = None) -> float:
+    """Mean loss per supervised token over `examples`.
+
+    Without `objective`/`collate`, the model's method decides (packed rows, or padded rows
+    for prompt/prefix tuning), so perplexity and eval loss work for every method.
+    """
+    if objective is None or collate is None:
+        from finesmith.model.methods import method_of
+
+        method = method_of(model)
+        objective, collate = objective or method.objective("sft"), collate or method.collate()
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0

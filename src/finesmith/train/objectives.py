@@ -38,15 +38,26 @@ def virtual_sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.
     them as past keys/values (the output has exactly the input's positions). The LM head
     still runs only at positions where some row has a target, shifted by that offset.
     """
+    logits, kept = _virtual_logits(model, batch)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), kept.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, (kept != IGNORE).sum()
+
+
+def virtual_sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`[B]`: each padded row's summed log-probability of its trained tokens (prompt/prefix tuning)."""
+    logits, kept = _virtual_logits(model, batch)
+    token_nll = F.cross_entropy(logits.float().transpose(1, 2), kept, ignore_index=IGNORE, reduction="none")
+    return -token_nll.sum(dim=-1)
+
+
+def _virtual_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits `[B, K, V]` at the K columns where some row has a target, and those targets `[B, K]`."""
     targets = batch["targets"]
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
-    offset = virtual_token_offset(model)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                logits_to_keep=keep + offset, use_cache=False)
-    logits = out.logits.reshape(-1, out.logits.shape[-1])
-    kept = targets[:, keep].reshape(-1)
-    loss = F.cross_entropy(logits.float(), kept, ignore_index=IGNORE, reduction="sum")
-    return loss, (kept != IGNORE).sum()
+                logits_to_keep=keep + virtual_token_offset(model), use_cache=False)
+    return out.logits, targets[:, keep]
 
 
 def virtual_token_offset(model: Any) -> int:

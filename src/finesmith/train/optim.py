@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from finesmith.errors import FinesmithError
 
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+MIN_LR_RATIO = 0.1  # the cosine ends at this share of the peak rate
 
 
 def build_optimizer(model: Any, lr: float, weight_decay: float, kind: str = "adamw",
@@ -63,13 +65,44 @@ def _bitsandbytes_adamw(kind: str, groups: list[dict[str, Any]], lr: float) -> t
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak rate, then cosine decay to `min_ratio` of it."""
+                  min_ratio: float = MIN_LR_RATIO,
+                  extensions: Sequence[tuple[int, int]] = ()) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak rate, then cosine decay to `min_ratio` of it.
 
-    def factor(step: int) -> float:
+    `extensions` lists `(at_step, new_total)` pairs from `--resume --extend`: from `at_step`
+    on, the rate follows a new cosine from the value it had at `at_step` down to the floor
+    at `new_total` (a run that had already reached the floor stays there). The schedule is
+    rebuilt from the run record on every resume, so it is the same however often a run is
+    interrupted.
+    """
+    factor = schedule_factor(total_steps, warmup_steps, min_ratio, extensions)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def schedule_factor(total_steps: int, warmup_steps: int, min_ratio: float = MIN_LR_RATIO,
+                    extensions: Sequence[tuple[int, int]] = ()) -> Callable[[int], float]:
+    """The learning-rate multiplier as a function of the step (see `warmup_cosine`)."""
+
+    def base(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    factor = base
+    for at_step, new_total in extensions:
+        factor = _extended(factor, at_step, new_total, min_ratio)
+    return factor
+
+
+def _extended(previous: Callable[[int], float], at_step: int, new_total: int,
+              min_ratio: float) -> Callable[[int], float]:
+    start = previous(at_step)
+
+    def factor(step: int) -> float:
+        if step < at_step:
+            return previous(step)
+        progress = (step - at_step) / max(1, new_total - at_step)
+        return min_ratio + (start - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
