@@ -1,8 +1,16 @@
 """Reading a finesmith run folder and turning it into standalone models.
 
-A LoRA run holds only the adapter; its base model spec is in `config.yaml`. Merging folds
+A LoRA run holds only the adapter; its base model is named in the run record (`run.json`). Merging folds
 the low-rank update into the base weights (`W + B·A·scale`), so the result is a plain
 transformers model with no peft at inference time.
+
+Tied embeddings need care. When the input embedding and the LM head share one matrix,
+an adapter may still have trained them apart: `lora.modules_to_save` trains a separate
+full copy of each module named (new tokens train `embed_tokens` and `lm_head`), and a
+LoRA on `lm_head` adds its update to the head only. The merged model then keeps two
+matrices and says so in its config (`tie_word_embeddings: false`); otherwise saving
+would drop the trained head, and loading (transformers or llama.cpp) would reuse the
+embedding in its place.
 """
 
 from __future__ import annotations
@@ -12,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finesmith.errors import FinesmithError
-from finesmith.evaluate.generate import stop_token_ids
+from finesmith.core.templates import stop_token_ids
 from finesmith.model.methods import load_for_inference
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -26,7 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 class RunInfo:
     """What a run folder holds: an adapter on `base_model`, or a whole model.
 
-    `method` is the training method from `config.yaml` (`lora`, `ia3`, `full`, ...).
+    `method` is the training method from the run record (`lora`, `ia3`, `full`, ...).
     """
 
     folder: Path
@@ -36,7 +42,7 @@ class RunInfo:
 
 
 def inspect_run(run: str | Path) -> RunInfo:
-    """Identify a run folder written by `finesmith train`.
+    """Identify a run folder written by `finesmith train`, from its run record.
 
     Args:
         run: the run folder.
@@ -44,33 +50,61 @@ def inspect_run(run: str | Path) -> RunInfo:
     Returns:
         A `RunInfo`; raises `FinesmithError` when the folder is not a run.
     """
-    folder = Path(run)
-    if not folder.is_dir():
-        raise FinesmithError(f"run folder not found: {run}; pass the --output folder of `finesmith train`")
-    config = folder / "config.yaml"
-    settings = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config.is_file() else {}
-    if (folder / "adapter_config.json").is_file():
-        if not settings.get("model"):
-            raise FinesmithError(f"{run}: an adapter without config.yaml, so its base model is unknown; "
-                                 "pass a folder written by `finesmith train`")
-        return RunInfo(folder, settings.get("method", "lora"), settings["model"], True)
-    if (folder / "config.json").is_file():
-        return RunInfo(folder, settings.get("method", "full"), settings.get("model"), False)
-    raise FinesmithError(f"{run}: no adapter_config.json or config.json; pass a folder written by `finesmith train`")
+    from finesmith.run import load_run
+
+    loaded = load_run(run)
+    if loaded.record.kind != "run":
+        raise FinesmithError(f"{run}: a staged run; export one of its stage folders (see {run}/stages.json)")
+    return RunInfo(loaded.folder, loaded.record.method_name, loaded.base_spec or None, loaded.record.adapter)
 
 
 def merge_adapter(model: Any) -> Any:
-    """Fold a PEFT adapter into its base weights; a plain model is returned as is.
+    """Fold a PEFT adapter into its base weights and return a plain transformers model.
 
-    Prompt and prefix tuning add virtual tokens rather than weight updates, so there is
-    nothing to fold; those runs are refused with a pointer to the adapter export.
+    A plain model is returned as is. Input and output embeddings that the adapter trained
+    apart stay apart (see the module docstring), so the merged model computes what the
+    run computes. Prompt and prefix tuning add virtual tokens rather than weight updates,
+    so there is nothing to fold; those runs are refused with a pointer to the adapter export.
+
+    Args:
+        model: a `PeftModel` (as `load_for_inference` returns for an adapter run) or a plain model.
+
+    Returns:
+        The merged model; the PEFT wrapper is consumed.
     """
     if not hasattr(model, "peft_config"):
         return model
     if model.peft_config[model.active_adapter].is_prompt_learning:
         raise FinesmithError("this run trained virtual prompt tokens, which cannot be merged into the weights; "
                              "use --format adapter (and load it with peft)")
-    return model.merge_and_unload()
+    separate_adapted_head(model)
+    merged = model.merge_and_unload()
+    inputs, outputs = merged.get_input_embeddings(), merged.get_output_embeddings()
+    if outputs is not None and outputs.weight.data_ptr() != inputs.weight.data_ptr():
+        for config in {id(c): c for c in (merged.config, merged.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    return merged
+
+
+def separate_adapted_head(model: Any) -> None:
+    """Give a tied LM head its own matrix before merging when an adapter layer sits on either side.
+
+    Merging writes `W + ΔW` into the base weight; with one shared matrix, a LoRA update to
+    the head would also change the embedding (and one to the embedding, the head). Copies
+    trained with `modules_to_save` need nothing here: merging swaps in each trained copy.
+    """
+    import torch
+
+    base = model.get_base_model()
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if outputs is None:
+        return
+    inner_in, inner_out = getattr(inputs, "base_layer", inputs), getattr(outputs, "base_layer", outputs)
+    weight = getattr(inner_in, "weight", None)
+    shared = weight is not None and weight is getattr(inner_out, "weight", None)
+    adapted = inner_in is not inputs or inner_out is not outputs
+    if shared and adapted:
+        inner_out.weight = torch.nn.Parameter(inner_out.weight.detach().clone(), requires_grad=False)
 
 
 def load_merged(run: str | Path) -> tuple[Any, Any]:
@@ -101,6 +135,24 @@ def save_hf(model: Any, tokenizer: Any, output: Path) -> None:
     generation.eos_token_id = stop_token_ids(tokenizer)
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(output)
+
+
+def save_merged(run: str | Path, target: str | Path) -> str:
+    """Merge a run into a plain model folder (weights, tokenizer, generation stop tokens).
+
+    The folder is what `export --format hf` writes, less the model card; staged runs use
+    it to turn one stage into the base model of the next.
+
+    Args:
+        run: the run folder.
+        target: the folder to write (created if missing).
+
+    Returns:
+        `target` as a string, ready to pass as a model spec.
+    """
+    model, tokenizer = load_merged(run)
+    save_hf(model, tokenizer, Path(target))
+    return str(target)
 
 
 def copy_adapter(info: RunInfo, output: Path) -> None:
