@@ -49,3 +49,28 @@ def test_classification_reports_both_scorings(tiny):
     assert result.labels == sorted({a for _, a in QA[:8]}, key=str.lower)
     assert all(p["loglik_prediction"] in result.labels for p in result.predictions)
     assert result.accuracy == result.metrics["generate"]["accuracy"]
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_token_methods_score_like_one_by_one_forwards(tiny_model, kind):
+    """Prompt/prefix tuning cannot take packed tries; their padded scoring equals peft's own forward."""
+    import peft
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = (peft.PromptTuningConfig if kind == "prompt_tuning" else peft.PrefixTuningConfig)(
+        num_virtual_tokens=3, task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, config).eval()
+    offset = 3 if kind == "prompt_tuning" else 0  # prompt tuning's output has the virtual positions in front
+    prompts = [[{"role": "user", "content": q}] for q, _ in QA[:3]]
+    candidates = ["blue", "four", "Paris"]
+    fast = label_logprobs(model, tokenizer, prompts, candidates)
+    for prompt, row in zip(prompts, fast):
+        for cand, score in zip(candidates, row):
+            ids, mask = tokens_and_mask(tokenizer, answer_only(prompt, cand))
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids))).logits[0]
+            logprobs = torch.log_softmax(logits[offset:].float(), dim=-1)
+            slow = sum(float(logprobs[j - 1, ids[j]]) for j in range(1, len(ids)) if mask[j])
+            assert score == pytest.approx(slow, abs=1e-3)

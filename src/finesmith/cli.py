@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if has_stages(path):  # continued pre-training then instruction tuning, one stage after another
         try:
             run_stages(path, positional, overwrite=args.overwrite, flags=flags, resume=args.resume,
-                       dry_run=args.dry_run)
+                       dry_run=args.dry_run, extend=args.extend)
         except Preempted as stopped:
             sys.stderr.write(f"{stopped}; continue the staged run with the same command plus --resume\n")
             return EXIT_PREEMPTED

@@ -229,7 +229,8 @@ def measure_forgetting(model_spec: str, domain_eval: list[Document], general_eva
 # --- the runner ---------------------------------------------------------------------------
 
 def run_stages(path: str, overrides: list[str] | None = None, overwrite: bool = False,
-               flags: dict[str, Any] | None = None, resume: bool = False, dry_run: bool = False) -> dict[str, Any]:
+               flags: dict[str, Any] | None = None, resume: bool = False, dry_run: bool = False,
+               extend: bool = False) -> dict[str, Any]:
     """Run every stage of a staged config and write `OUTPUT/stages.json`.
 
     Args:
@@ -240,6 +241,7 @@ def run_stages(path: str, overrides: list[str] | None = None, overwrite: bool = 
         resume: continue an interrupted staged run: finished stages are skipped, the
             interrupted one resumes from its checkpoint.
         dry_run: check every stage and print its predicted memory and time; train nothing.
+        extend: with `resume`, the interrupted stage may continue to another horizon (`--extend`).
     Returns:
         The stages.json content.
     """
@@ -275,7 +277,7 @@ def run_stages(path: str, overrides: list[str] | None = None, overwrite: bool = 
                 console.print(f"[bold]stage {index + 1}/{len(stages)}: {name} already finished; skipped")
             else:
                 console.print(f"[bold]stage {index + 1}/{len(stages)}: {name} ({stage.settings.objective})")
-                entry = run_stage(stage, model_spec, output, is_last=index == len(stages) - 1)
+                entry = run_stage(stage, model_spec, output, is_last=index == len(stages) - 1, extend=extend)
             model_spec = entry["next_model"]
             report["stages"].append(entry)
             report["seconds"] = round(time.perf_counter() - started, 1)
@@ -332,7 +334,7 @@ def dry_run_stages(stages: list[Stage], model_spec: str) -> dict[str, Any]:
     return {"dry_run": True, "stages": [s.settings.name for s in stages]}
 
 
-def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool) -> dict[str, Any]:
+def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool, extend: bool = False) -> dict[str, Any]:
     """Train one stage from `model_spec` (resuming it when it was interrupted); return its stages.json entry.
 
     The entry's `next_model` is what the next stage starts from: the merged weights of an
@@ -365,7 +367,8 @@ def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool) -> dic
         can_resume = state in ("preempted", "running") and _has_resumable_checkpoint(folder)
         if can_resume:
             console.print(f"stage {settings.name}: resuming the interrupted training in {folder}")
-        outcome = train(config, resume=can_resume, overwrite=state is not None and not can_resume)
+        outcome = train(config, resume=can_resume, overwrite=state is not None and not can_resume,
+                        extend=extend and can_resume)
         entry.update(method=config.method, steps=outcome.result.steps, train_seconds=round(outcome.result.seconds, 1),
                      final_loss=outcome.result.final_loss, eval_loss=outcome.result.eval_loss,
                      trainable_parameters=outcome.trainable)
