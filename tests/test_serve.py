@@ -20,7 +20,7 @@ from conftest import QA, chat, write_jsonl
 from finesmith.cli import main
 from finesmith.evaluate.generate import generate
 from finesmith.serve.chat import chat_loop
-from finesmith.serve.engine import Sampling, StopScanner, load_engine
+from finesmith.serve.engine import ChatEngine, EngineBusy, EngineClosed, Sampling, StopScanner, load_engine
 from finesmith.serve.server import build_app
 
 KEY = "test-key"
@@ -38,7 +38,10 @@ def lora_run(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(lora_run: Path):
-    return load_engine(str(lora_run), "cpu")
+    engine = load_engine(str(lora_run), "cpu")
+    yield engine
+    engine.close()
+    assert engine.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +207,78 @@ def test_concurrent_requests_all_answer_correctly(client, engine) -> None:
         answers = list(pool.map(ask, range(len(questions))))
     expected = [greedy(engine, [{"role": "user", "content": q}], 4) for q in questions]
     assert [a.strip() for a in answers] == expected
+
+
+LONG = 480  # tokens; about a second on this tiny model, so a cancellation is plain to see
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_streaming_client_that_leaves_cancels_its_generation(client, engine) -> None:
+    before = engine.status()
+    messages = [{"role": "user", "content": "Say hello."}]
+    stream = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=LONG, temperature=0,
+                                            stream=True)
+    next(iter(stream))
+    stream.close()  # the client hangs up after the first chunk
+    assert wait_for(lambda: engine.status()["cancelled"] == before["cancelled"] + 1)
+    after = engine.status()
+    assert after["completed"] == before["completed"] and not after["running"]
+    quick = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=4, temperature=0)
+    assert quick.choices[0].message.content.strip() == greedy(engine, messages, 4)  # the worker moved on
+
+
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it(server, engine) -> None:
+    from openai import APITimeoutError, OpenAI
+
+    before = engine.status()
+    impatient = OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=0.3)
+    with pytest.raises(APITimeoutError):
+        impatient.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "Say hello."}],
+                                          max_tokens=LONG, temperature=0)
+    assert wait_for(lambda: engine.status()["cancelled"] == before["cancelled"] + 1)
+    assert engine.status()["completed"] == before["completed"]
+
+
+def test_the_queue_refuses_when_full_and_skips_requests_whose_reader_left(engine) -> None:
+    small = ChatEngine(engine.model, engine.tokenizer, engine.name, queue_size=1)
+    prompt = engine.chat_ids([{"role": "user", "content": "Say hello."}])
+    running = iter(small.generate(prompt, Sampling(max_tokens=LONG)))
+    next(running)  # the worker is on it
+    left = small.generate(prompt, Sampling(max_tokens=4)).submit()
+    with pytest.raises(EngineBusy) as busy:
+        small.generate(prompt, Sampling(max_tokens=4)).submit()
+    assert busy.value.retry_after >= 1
+    left.cancel()
+    replacement = small.generate(prompt, Sampling(max_tokens=4)).submit()  # the slot came back
+    running.close()
+    assert replacement.text().strip() == greedy(engine, [{"role": "user", "content": "Say hello."}], 4)
+    assert left.finish_reason == "cancelled"
+    counts = small.status()
+    assert (counts["cancelled"], counts["skipped"], counts["rejected"], counts["completed"]) == (1, 1, 1, 1)
+    small.close()
+    assert small.join(timeout=10)
+
+
+def test_closing_fails_waiting_requests_and_stops_the_running_one(engine) -> None:
+    small = ChatEngine(engine.model, engine.tokenizer, engine.name, queue_size=4)
+    prompt = engine.chat_ids([{"role": "user", "content": "Say hello."}])
+    running = iter(small.generate(prompt, Sampling(max_tokens=LONG)))
+    next(running)
+    waiting = small.generate(prompt, Sampling(max_tokens=4)).submit()
+    started = time.monotonic()
+    small.close(grace=0.05)
+    with pytest.raises(EngineClosed):
+        waiting.text()
+    with pytest.raises(EngineClosed):
+        list(running)  # the rest of its text, then the news that it was stopped
+    assert small.join(timeout=10) and time.monotonic() - started < 2
+    with pytest.raises(EngineClosed):
+        small.generate(prompt, Sampling(max_tokens=4)).submit()

@@ -4,39 +4,56 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 with `stream: true` as server-sent events), and `GET /health`. Errors use OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with matching status codes, so
 standard clients report them properly.
+
+Handlers never run the model: they submit the request to the engine's single worker and
+await its text pieces on the event loop, so no thread waits while someone else's stream
+is read. A full wait queue answers 429 with `Retry-After`; a client that disconnects
+cancels its request; SIGTERM or Ctrl-C stops taking requests, fails the ones still
+waiting, gives the running one a short grace and exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from finesmith.errors import FinesmithError
-from finesmith.serve.engine import ChatEngine, Generation, Sampling
+from finesmith.serve.engine import (DEFAULT_QUEUE_SIZE, ChatEngine, EngineBusy, EngineClosed, Generation, Sampling,
+                                    load_engine)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SHUTDOWN_TIMEOUT_S = 5  # after this, uvicorn cancels the handlers still running at shutdown
 
 
 class APIError(Exception):
     """An error returned to the client as an OpenAI error object."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 class TextPart(BaseModel):
@@ -111,26 +128,23 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; ends the request quietly
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
 
-    @app.middleware("http")
-    async def authorise(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                error = APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
-                                 code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(RequireKey, api_key=api_key)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", **engine.status()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -149,8 +163,7 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(reply.chat_events(generation, usage), media_type="text/event-stream")
-        text = await run_in_threadpool(generation.text)
-        return reply.chat(text, generation)
+        return reply.chat(await finish(generation, request), generation)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -164,10 +177,26 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(reply.text_events(generation, usage), media_type="text/event-stream")
-        text = await run_in_threadpool(generation.text)
-        return reply.text(text, generation)
+        return reply.text(await finish(generation, request), generation)
 
     return app
+
+
+class RequireKey:
+    """ASGI middleware: every `/v1` request needs `Authorization: Bearer <api_key>`."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def json_body(request: Request) -> Any:
@@ -184,11 +213,54 @@ def check_model(engine: ChatEngine, name: str) -> None:
 
 
 def start(engine: ChatEngine, render: Any, sampling: Sampling, param: str) -> Generation:
-    """Render and budget the prompt; user-fixable problems become 400s before any streaming."""
+    """Render, budget and queue the prompt; problems become error answers before any streaming.
+
+    A bad prompt is a 400; a full queue is a 429 with `Retry-After`; a closing engine is a 503.
+    """
     try:
-        return engine.generate(render(), sampling)
+        generation = engine.generate(render(), sampling)
     except FinesmithError as exc:
         raise APIError(400, str(exc), param=param, code="invalid_prompt") from None
+    try:
+        return generation.submit()
+    except EngineBusy as exc:
+        raise APIError(429, str(exc), kind="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+    except EngineClosed as exc:
+        raise shutting_down(exc) from None
+
+
+def shutting_down(exc: Exception) -> APIError:
+    return APIError(503, str(exc), kind="server_error", code="server_shutting_down", headers={"Retry-After": "5"})
+
+
+async def finish(generation: Generation, request: Request) -> str:
+    """The whole answer, awaited on the event loop; a client that disconnects cancels its request."""
+    answer = asyncio.ensure_future(generation.text_async())
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            generation.cancel()
+    if not answer.done():
+        raise ClientGone()
+    try:
+        return answer.result()
+    except EngineClosed as exc:
+        raise shutting_down(exc) from None
+    except asyncio.CancelledError:
+        raise ClientGone() from None
+    except Exception as exc:
+        raise APIError(500, f"generation failed: {exc}", kind="server_error") from None
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is already read, so only a disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Reply:
@@ -216,29 +288,36 @@ class Reply:
         choice = {"index": 0, "text": text, "finish_reason": generation.finish_reason, "logprobs": None}
         return self.envelope("text_completion", [choice], usage=self.usage(generation))
 
-    def chat_events(self, generation: Generation, usage: bool) -> Iterator[str]:
+    async def chat_events(self, generation: Generation, usage: bool) -> AsyncIterator[str]:
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             return self.envelope("chat.completion.chunk", [choice])
 
         yield sse(chunk({"role": "assistant", "content": ""}, None))
-        yield from self._stream(generation, lambda piece: chunk({"content": piece}, None),
-                                lambda: chunk({}, generation.finish_reason), "chat.completion.chunk", usage)
+        async for event in self._stream(generation, lambda piece: chunk({"content": piece}, None),
+                                        lambda: chunk({}, generation.finish_reason), "chat.completion.chunk",
+                                        usage):
+            yield event
 
-    def text_events(self, generation: Generation, usage: bool) -> Iterator[str]:
+    async def text_events(self, generation: Generation, usage: bool) -> AsyncIterator[str]:
         def chunk(piece: str, finish: str | None) -> dict[str, Any]:
             return self.envelope("text_completion", [{"index": 0, "text": piece, "finish_reason": finish,
                                                       "logprobs": None}])
 
-        yield from self._stream(generation, lambda piece: chunk(piece, None),
-                                lambda: chunk("", generation.finish_reason), "text_completion", usage)
+        async for event in self._stream(generation, lambda piece: chunk(piece, None),
+                                        lambda: chunk("", generation.finish_reason), "text_completion", usage):
+            yield event
 
-    def _stream(self, generation: Generation, piece_chunk: Any, final_chunk: Any, kind: str,
-                usage: bool) -> Iterator[str]:
+    async def _stream(self, generation: Generation, piece_chunk: Any, final_chunk: Any, kind: str,
+                      usage: bool) -> AsyncIterator[str]:
+        # Starlette cancels this stream when the client disconnects; leaving `pieces()` cancels the request.
         try:
-            for piece in generation:
+            async for piece in generation.pieces():
                 yield sse(piece_chunk(piece))
-        except Exception as exc:  # headers are already sent: report in-band, as OpenAI does
+        except EngineClosed as exc:  # headers are already sent: report in-band, as OpenAI does
+            yield sse(shutting_down(exc).body())
+            return
+        except Exception as exc:
             yield sse(APIError(500, f"generation failed: {exc}", kind="server_error").body())
             return
         yield sse(final_chunk())
@@ -252,8 +331,8 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log: Any = print) -> None:
-    """Load a model and serve it until interrupted (`finesmith serve`).
+          log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    """Load a model and serve it until SIGTERM or Ctrl-C (`finesmith serve`).
 
     Args:
         spec: run folder, exported model folder, `.gguf` file or built-in alias.
@@ -261,14 +340,33 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
         port: TCP port.
         api_key: required bearer token, if any.
         log: where to print the start-up lines.
+        queue_size: requests allowed to wait for the model; beyond that clients get 429.
     """
-    import uvicorn
-
-    from finesmith.serve.engine import load_engine
-
     if host not in LOOPBACK and not api_key:
         log(f"warning: serving on {host} without --api-key; anyone who can reach this port can use the model")
-    engine = load_engine(spec)
-    log(f"serving '{engine.name}' at http://{host}:{port}/v1 (OpenAI-compatible)"
+    engine = load_engine(spec, queue_size=queue_size)
+    log(f"serving '{engine.name}' at http://{host}:{port}/v1 (OpenAI-compatible, up to {queue_size} waiting)"
         + ("; requests need the API key" if api_key else ""))
-    uvicorn.run(build_app(engine, api_key), host=host, port=port, log_level="warning")
+    config = uvicorn.Config(build_app(engine, api_key), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
+    try:
+        DrainingServer(config, engine).run()
+    finally:
+        engine.close()
+        engine.join(timeout=SHUTDOWN_TIMEOUT_S)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, closing the engine as shutdown begins so that waiting handlers end at once.
+
+    uvicorn then waits for open connections; with the queue failed and the running request
+    stopped after a short grace, they finish within a few seconds.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: ChatEngine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.engine.close()
+        await super().shutdown(sockets)
