@@ -89,7 +89,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
                                            extend, output)
         record.created = run.record.created
         settings = dataclasses.replace(settings, planned_steps=record.schedule["planned_steps"],
-                                       extensions=tuple(tuple(e) for e in record.schedule.get("extensions", [])))
+                                       warmup_steps=record.schedule["warmup_steps"], extensions=tuple(tuple(e) for e in record.schedule.get("extensions", [])))
     else:
         prepare_output(output, overwrite)
     base = load_base_model(config, str(pick_device()))
