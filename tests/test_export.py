@@ -184,3 +184,73 @@ def test_rope_permutation_matches_the_inverse_transformers_applies() -> None:
         permuted = permute_for_rope(weight, heads)
         assert not (permuted == weight).all()
         assert (processor.process(permuted, name).weights == weight).all()
+
+
+def test_gguf_refuses_rope_it_cannot_store() -> None:
+    from transformers import LlamaConfig
+
+    for rope, reason in (({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope_type 'yarn'"),
+                         ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, "rope_type 'dynamic'"),
+                         ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, "whole head")):
+        with pytest.raises(FinesmithError, match=reason):
+            check_exportable(LlamaConfig(rope_parameters=rope))
+    check_exportable(LlamaConfig(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "rope_theta": 5e5,
+                                                  "original_max_position_embeddings": 64}))
+
+
+def tiny_llama(tokenizer_folder: Path, **config):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    torch.manual_seed(0)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(LlamaConfig(**(settings | config))).eval(), tokenizer
+
+
+def test_gguf_writes_the_head_whenever_it_differs_from_the_embedding(tiny_model: str) -> None:
+    from finesmith.export.gguf import gguf_tensors
+
+    model, _ = tiny_llama(Path(tiny_model))
+    assert "output.weight" not in dict(gguf_tensors(model))
+    # A head trained apart from a tied embedding, with a config that still says "tied"
+    # (what an older peft leaves after merging): the trained head must be written.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 0.01)
+    assert model.config.tie_word_embeddings
+    written = dict(gguf_tensors(model))
+    assert (written["output.weight"] == model.lm_head.weight.detach().numpy()).all()
+
+
+def test_gguf_states_an_explicit_head_size(tiny_model: str, tmp_path: Path) -> None:
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from finesmith.export.gguf import write_gguf
+
+    model, tokenizer = tiny_llama(Path(tiny_model), head_dim=32)  # hidden / heads would be 16
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf")
+    fields = {name: f.contents() for name, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == 32
+    assert fields["llama.rope.dimension_count"] == 32 and fields["llama.vocab_size"] == len(tokenizer)
+    assert fields["tokenizer.ggml.add_eos_token"] is False
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert max_diff(model, reloaded, tokenizer) <= 1e-3
+
+
+def test_lora_on_a_tied_head_merges_without_moving_the_embedding(tiny_model: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from finesmith.export.merge import save_merged
+
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA])
+    run = tmp_path / "run"
+    assert main(["train", "lora.target_modules=[q_proj,v_proj,lm_head]", "--model", tiny_model, "--data", data,
+                 "--method", "lora", "--output", str(run), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2",
+                 "--seed", "0"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(save_merged(run, tmp_path / "merged"), dtype=torch.float32).eval()
+    reference, tokenizer = load_for_inference(str(run))
+    assert max_diff(reference, merged, tokenizer) <= 1e-4
+    base = load_model(tiny_model)
+    assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert not merged.config.tie_word_embeddings

@@ -3,7 +3,11 @@
 What llama.cpp expects, and what transformers' GGUF loader reverses on the way back:
 
 - tensor names `token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output` (omitted when
-  the LM head is tied to the embedding);
+  the LM head equals the embedding: llama.cpp then reuses `token_embd`);
+- the head size as `attention.key_length` / `value_length` (llama.cpp otherwise assumes
+  `hidden_size / heads` and refuses a model whose `head_dim` is set otherwise);
+- RoPE scaling that only rescales frequencies (`linear`, `llama3`) as a `rope_freqs`
+  tensor of per-dimension divisors, as llama.cpp's own converter writes it;
 - the rows of Q and K permuted per head from "rotate halves" (transformers' rotary
   layout) to "rotate interleaved pairs" (llama.cpp's), see `permute_for_rope`;
 - norms and other 1-D tensors kept in float32, matrices in f16 or q8_0;
@@ -19,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from finesmith.core.templates import END_OF_TURN_TOKENS
 from finesmith.data.tokenize import bos_to_prepend
 from finesmith.errors import FinesmithError
 from finesmith.export import QUANTS
-from finesmith.evaluate.generate import END_OF_TURN_TOKENS
 
 
 # transformers module name -> llama.cpp tensor name, per decoder layer
@@ -39,6 +43,16 @@ LAYER_TENSORS = {
 }
 
 
+# RoPE variants that only divide each frequency by a fixed factor, so one `rope_freqs`
+# tensor states them exactly; the others (dynamic, yarn, longrope) change with the
+# sequence length or rescale attention, which llama.cpp would need other settings for.
+FREQUENCY_ONLY_ROPE = ("linear", "llama3")
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    return dict(getattr(config, "rope_parameters", None) or {})
+
+
 def check_exportable(config: Any) -> None:
     """Refuse models this writer cannot represent exactly, with the reason and a way out."""
     way_out = "export with --format hf instead"
@@ -47,12 +61,40 @@ def check_exportable(config: Any) -> None:
                              f"'{getattr(config, 'model_type', '?')}'; {way_out}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise FinesmithError(f"GGUF export does not support Llama models with linear biases; {way_out}")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise FinesmithError(f"GGUF export supports plain RoPE only; this model uses rope_type "
-                             f"'{rope['rope_type']}'; {way_out}")
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", *FREQUENCY_ONLY_ROPE):
+        raise FinesmithError(f"GGUF export supports plain, linear and llama3 RoPE only; this model uses rope_type "
+                             f"'{rope_type}'; {way_out}")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise FinesmithError(f"GGUF export supports RoPE over the whole head only; {way_out}")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise FinesmithError(f"GGUF export supports SiLU-gated Llama models only; {way_out}")
+
+
+def head_size(config: Any) -> int:
+    """Size of one attention head: `config.head_dim` when set, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_frequency_factors(config: Any) -> np.ndarray | None:
+    """Per-dimension divisors of the plain RoPE frequencies, or None for plain RoPE.
+
+    llama.cpp divides frequency i by `rope_freqs[i]`; the divisors are plain / scaled
+    inverse frequencies, the scaled ones computed by transformers itself, so the file
+    rotates exactly as the trained model does.
+    """
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return None
+    dim = head_size(config)
+    plain = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")  # attention factor: 1 for these types
+    return (plain / scaled.float()).numpy().astype(np.float32)
 
 
 def permute_for_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -75,11 +117,20 @@ def permute_for_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
-    """`(llama.cpp name, float32 array)` for every weight of a Llama model, Q/K permuted."""
+    """`(llama.cpp name, float32 array)` for every weight of a Llama model, Q/K permuted.
+
+    `output.weight` is written whenever the LM head differs from the embedding, whatever
+    `tie_word_embeddings` says: a run that trained separate copies of a tied pair (or one
+    of them) must keep the head it trained, and llama.cpp reuses `token_embd` only when
+    the file has no `output`.
+    """
     config = model.config
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    tensors = [("token_embd.weight", state["model.embed_tokens.weight"])]
+    embedding = state["model.embed_tokens.weight"]
+    tensors = [("token_embd.weight", embedding)]
+    factors = rope_frequency_factors(config)
+    if factors is not None:
+        tensors.append(("rope_freqs.weight", factors))
     for layer in range(config.num_hidden_layers):
         for hf_name, gguf_name in LAYER_TENSORS.items():
             weight = state[f"model.layers.{layer}.{hf_name}.weight"]
@@ -89,8 +140,9 @@ def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
                 weight = permute_for_rope(weight, config.num_key_value_heads)
             tensors.append((f"blk.{layer}.{gguf_name}.weight", weight))
     tensors.append(("output_norm.weight", state["model.norm.weight"]))
-    if not tied:
-        tensors.append(("output.weight", state["lm_head.weight"]))
+    head = state.get("lm_head.weight")
+    if head is not None and not np.array_equal(head, embedding):
+        tensors.append(("output.weight", head))
     return tensors
 
 
@@ -149,7 +201,15 @@ def tokenizer_metadata(tokenizer: Any, vocab_rows: int) -> dict[str, Any]:
     return {"tokens": tokens, "types": types, "merges": merges, "bos": tokenizer.bos_token_id,
             "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
             "eot": end_of_turn[0] if end_of_turn else None,
-            "add_bos": bos_to_prepend(tokenizer) is not None, "chat_template": tokenizer.chat_template}
+            "add_bos": bos_to_prepend(tokenizer) is not None, "add_eos": appends_eos(tokenizer),
+            "chat_template": tokenizer.chat_template}
+
+
+def appends_eos(tokenizer: Any) -> bool:
+    """True when the tokenizer ends every encoded text with EOS by itself."""
+    eos = tokenizer.eos_token_id
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return eos is not None and bool(probe) and probe[-1] == eos
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str = "f16", name: str = "model") -> Path:
@@ -172,10 +232,11 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str = "f16", name:
     config = model.config
     check_exportable(config)
     tensors = gguf_tensors(model)
-    meta = tokenizer_metadata(tokenizer, tensors[0][1].shape[0])
+    vocab_rows = tensors[0][1].shape[0]
+    meta = tokenizer_metadata(tokenizer, vocab_rows)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
-    write_architecture(writer, config)
+    write_architecture(writer, config, vocab_rows)
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -190,17 +251,21 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str = "f16", name:
     return path
 
 
-def write_architecture(writer: Any, config: Any) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+def write_architecture(writer: Any, config: Any, vocab_rows: int) -> None:
+    """The `llama.*` hyper-parameters llama.cpp reads to build the graph."""
+    head_dim = head_size(config)
+    writer.add_vocab_size(vocab_rows)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+    # Always written: without them llama.cpp takes hidden_size / heads as the head size.
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(rope_parameters(config).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
 
@@ -215,5 +280,6 @@ def write_tokenizer(writer: Any, meta: dict[str, Any]) -> None:
         if meta[key] is not None:
             add(meta[key])
     writer.add_add_bos_token(meta["add_bos"])
+    writer.add_add_eos_token(meta["add_eos"])
     if meta["chat_template"]:
         writer.add_chat_template(meta["chat_template"])

@@ -140,7 +140,7 @@ def save_hf(model: Any, tokenizer: Any, output: Path) -> None:
 def save_merged(run: str | Path, target: str | Path) -> str:
     """Merge a run into a plain model folder (weights, tokenizer, generation stop tokens).
 
-    The folder is what `export --format hf` writes, less the model card; staged runs use
+    The folder is what `export --format hf` writes, less its card and record; staged runs use
     it to turn one stage into the base model of the next.
 
     Args:

@@ -4,18 +4,25 @@ Each check compares the exported model against the run loaded the way training l
 (adapter on base, or the full model) on a few chat prompts rendered with the model's
 own template: the largest absolute logit difference, and for GGUF also the greedy
 continuation and the token ids the rebuilt tokenizer produces.
+
+A GGUF file is read back twice: by transformers' GGUF loader (weights, tokenizer, chat
+template), and, when the `llama_cpp` bindings are installed, by llama.cpp itself, the
+program the file is for, which reads the metadata the transformers loader ignores (head
+size, RoPE frequency factors, stop and BOS settings).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from finesmith.core.templates import stop_token_ids
 from finesmith.data.tokenize import prompt_ids
-from finesmith.evaluate.generate import stop_token_ids
+from finesmith.errors import FinesmithError
 
 PROBE_CHATS = (
     [{"role": "user", "content": "Hello! Who are you?"}],
@@ -70,16 +77,17 @@ def max_logit_difference(reference: Any, candidate: Any, prompts: list[torch.Ten
 
 
 @torch.no_grad()
+def greedy_tokens(model: Any, ids: torch.Tensor, count: int = GREEDY_TOKENS) -> list[int]:
+    """The `count` tokens greedy decoding appends to the `(1, length)` prompt (no early stop)."""
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
+                         do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0,
+                         eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
 def greedy_mismatches(reference: Any, candidate: Any, prompts: list[torch.Tensor]) -> int:
     """How many prompts get a different greedy continuation of `GREEDY_TOKENS` tokens."""
-    differ = 0
-    for ids in prompts:
-        kwargs = {"max_new_tokens": GREEDY_TOKENS, "do_sample": False, "top_p": None, "top_k": None,
-                  "temperature": None, "pad_token_id": 0, "eos_token_id": None}
-        a = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        b = candidate.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        differ += int(not torch.equal(a, b))
-    return differ
+    return sum(greedy_tokens(reference, ids) != greedy_tokens(candidate, ids) for ids in prompts)
 
 
 def tokenizer_mismatches(reference: Any, candidate: Any) -> int:
@@ -119,10 +127,15 @@ def verify_adapter(reference: Any, tokenizer: Any, base_spec: str, folder: Path)
 
 
 def verify_gguf(reference: Any, tokenizer: Any, path: Path, quant: str) -> list[Check]:
-    """Reload a GGUF with transformers' GGUF loader and compare logits, greedy output, tokens."""
+    """Reload a GGUF with transformers' GGUF loader (and llama.cpp when installed) and compare."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    exported = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    # transformers' loader reads no RoPE scaling for Llama; give it the run's, so its
+    # checks cover the weights (llama.cpp's checks cover the file's own RoPE factors).
+    rope = getattr(reference.config, "rope_parameters", None) or {}
+    scaled = {"rope_parameters": dict(rope)} if rope.get("rope_type", "default") != "default" else {}
+    exported = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                    **scaled).eval()
     exported_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompts = probe_batches(tokenizer)
     checks = [Check(f"max |logit diff| / max |logit|, gguf {quant} vs run",
@@ -133,7 +146,81 @@ def verify_gguf(reference: Any, tokenizer: Any, path: Path, quant: str) -> list[
     limit = 0 if quant == "f16" else len(prompts)
     checks.append(Check(f"greedy continuations that differ ({len(prompts)} prompts)",
                         greedy_mismatches(reference, exported, prompts), limit))
+    del exported  # a large model should not be held twice while llama.cpp maps the file
+    if llama_cpp_installed():
+        checks += verify_gguf_in_llama_cpp(reference, tokenizer, path, quant)
     return checks
+
+
+# --- llama.cpp ---------------------------------------------------------------------------
+
+def llama_cpp_installed() -> bool:
+    """True when the llama.cpp bindings (`pip install llama-cpp-python`) can be imported."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def load_llama_cpp(path: Path, n_ctx: int = 512) -> Any:
+    """The GGUF file loaded by llama.cpp on the CPU, logits kept for the last position only.
+
+    Raises:
+        FinesmithError: the bindings are installed but their native library does not load.
+        ValueError: llama.cpp refuses the file.
+    """
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise FinesmithError(f"the llama.cpp bindings are installed but do not load ({exc}); reinstall "
+                             "llama-cpp-python, or uninstall it to verify with transformers only") from None
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=False, n_gpu_layers=0, verbose=False)
+
+
+def llama_cpp_next_logits(llm: Any, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's logits for the token after the prompt `ids` (evaluated from an empty cache)."""
+    import llama_cpp
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return torch.from_numpy(logits.copy())
+
+
+def llama_cpp_greedy(llm: Any, ids: list[int], count: int = GREEDY_TOKENS) -> list[int]:
+    """The `count` tokens llama.cpp's greedy sampler appends to the prompt `ids` (no early stop)."""
+    out: list[int] = []
+    for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(token))
+        if len(out) == count:
+            break
+    return out
+
+
+@torch.no_grad()
+def verify_gguf_in_llama_cpp(reference: Any, tokenizer: Any, path: Path, quant: str) -> list[Check]:
+    """Load the file in llama.cpp; compare next-token logits, greedy output and tokenization."""
+    prompts = probe_batches(tokenizer)
+    try:
+        llm = load_llama_cpp(path, n_ctx=max(p.shape[1] for p in prompts) + GREEDY_TOKENS)
+    except ValueError:  # the bindings report a file llama.cpp cannot build a model from this way
+        return [Check("llama.cpp load failures", 1, 0)]
+    worst, scale, differ = 0.0, 0.0, 0
+    try:
+        for ids in prompts:
+            expected = reference(input_ids=ids).logits[0, -1].float()
+            worst = max(worst, (llama_cpp_next_logits(llm, ids[0].tolist()) - expected).abs().max().item())
+            scale = max(scale, expected.abs().max().item())
+            differ += int(llama_cpp_greedy(llm, ids[0].tolist()) != greedy_tokens(reference, ids))
+        texts = list(PROBE_TEXTS) + [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                                     for c in PROBE_CHATS]
+        tokens_differ = sum(llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
+                            != tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+    finally:
+        llm.close()
+    limit = 0 if quant == "f16" else len(prompts)
+    return [Check(f"max |next-token logit diff| / max |logit|, llama.cpp {quant} vs run", worst / (scale or 1.0),
+                  LOGIT_TOLERANCE[quant]),
+            Check(f"llama.cpp greedy continuations that differ ({len(prompts)} prompts)", differ, limit),
+            Check("llama.cpp tokenizer mismatches", tokens_differ, 0)]
 
 
 def _as_list(value: Any) -> list[int]:
