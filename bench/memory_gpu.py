@@ -24,7 +24,8 @@ def measure(model: str, method: str, max_length: int, batch_size: int, steps: in
 
     from finesmith.advise.measure import synthetic_data
     from finesmith.config import load_config
-    from finesmith.pipeline import console, train
+    from finesmith.core.console import console
+    from finesmith.pipeline import train
 
     console.quiet = True
     torch.cuda.empty_cache()

@@ -47,7 +47,7 @@ def test_compare_writes_markdown_and_self_contained_html(tiny_model, tmp_path, c
 def test_compare_refuses_a_folder_that_is_not_a_run(tiny_model, tmp_path, capsys):
     held_out = write_jsonl(tmp_path / "heldout.jsonl", [chat(t, label) for t, label in TICKETS])
     code, _, err = run(["compare", "--data", held_out, "--base", tiny_model, tmp_path, "--output", tmp_path / "r"], capsys)
-    assert code == 2 and "not a finesmith run folder" in err and "Traceback" not in err
+    assert code == 2 and "not a finesmith run" in err and "Traceback" not in err
 
 
 def test_eval_generation_and_perplexity_results(tiny_model, tmp_path, capsys):

@@ -218,11 +218,13 @@ def cmd_data(args: argparse.Namespace) -> None:
         return
     from finesmith.config import DataSettings, TrainConfig
     from finesmith.data.show import data_check
+    from finesmith.model.load import load_chat_tokenizer
 
     fields = dict(item.partition("=")[::2] for item in args.field)
     TrainConfig(model=args.model, output="-", max_length=args.max_length, truncation=args.truncation,
                 data=DataSettings(args.file, args.format, fields)).validate()  # same errors as train
-    report = data_check(args.file, args.model, args.max_length, args.format, fields, args.truncation,
+    tokenizer, _ = load_chat_tokenizer(args.model, notify=console.print)
+    report = data_check(args.file, tokenizer, args.max_length, args.format, fields, args.truncation,
                         args.eval_data, args.show, console)
     if not report.ok:
         raise FinesmithError(f"{args.file}: not trainable ({len(report.errors)} errors, listed above); fix them "

@@ -208,13 +208,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     if path:
         raw = read_yaml(path)
     for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FinesmithError(f"override '{item}' is not key=value; write e.g. lr=1e-4 or lora.r=8")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        set_dotted(raw, *parse_override(item))
     for key, value in (flags or {}).items():
         if value is not None:
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
     return from_dict(TrainConfig, raw, where="config").validate()
 
 
@@ -233,7 +230,35 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def parse_override(item: str, example: str = "lora.r=8") -> tuple[str, Any]:
+    """Split a `key=value` override into the dotted key and its value (parsed as a YAML scalar).
+
+    Every command that takes overrides (a training run, a staged run) parses them here, so
+    they read values the same way and refuse malformed ones with the same message.
+
+    Args:
+        item: the override as the user wrote it, e.g. `lora.r=8`; an empty value means None.
+        example: a second valid override shown in the error message.
+    Returns:
+        `(key, value)`.
+    Raises:
+        FinesmithError: `item` has no `=` or no key.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise FinesmithError(f"override '{item}' is not key=value; write e.g. lr=1e-4 or {example}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` (dotted, e.g. `lora.r`) in a raw config mapping, creating sections on the way.
+
+    A section written as one scalar (`data: file.jsonl`) is first expanded to its mapping
+    (`data: {path: file.jsonl}`), so `data.format=chat` can be added to it.
+
+    Raises:
+        FinesmithError: a part of the key names a value that is not a section.
+    """
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:

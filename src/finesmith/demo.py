@@ -17,10 +17,12 @@ from pathlib import Path
 from rich.table import Table
 
 from finesmith.config import DataSettings, LoraSettings, TrainConfig
+from finesmith.core.console import console
+from finesmith.core.device import pick_device
 from finesmith.evaluate.compare import write_comparison
 from finesmith.evaluate.tasks import EvalOptions, EvalResult
 from finesmith.model.methods import load_for_inference
-from finesmith.pipeline import console, evaluate, pick_device, train
+from finesmith.pipeline import evaluate, train
 
 DEMO_MODEL = "smollm2-135m-instruct"
 SHOTS = 3

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from finesmith.core.paths import cache_root
 from finesmith.data.tokenize import TokenizedExample, TokenizeStats
-from finesmith.model.load import cache_dir
 
 CACHE_FORMAT = 1  # bump when tokenization itself changes meaning
 CHUNK = 1 << 20
@@ -29,7 +29,7 @@ CHUNK = 1 << 20
 
 def data_cache_root() -> Path:
     """The folder holding tokenized-data entries (next to the converted models)."""
-    return cache_dir().parent / "data"
+    return cache_root() / "data"
 
 
 def content_hash(path: str) -> str | None:

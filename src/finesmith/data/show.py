@@ -82,13 +82,16 @@ def print_scan_report(console: Console, path: str, report: ScanReport, shown: in
         console.print(f"  ... and {len(report.findings) - shown} more")
 
 
-def data_check(path: str, model: str, max_length: int, fmt: str = "auto", fields: dict[str, str] | None = None,
+def data_check(path: str, tokenizer: Any, max_length: int, fmt: str = "auto", fields: dict[str, str] | None = None,
                truncation: str = "truncate", eval_path: str | None = None, show: int = 0,
                console: Console | None = None) -> CheckReport:
     """`finesmith data check`: validate with a progress bar, print the report, show N masks.
 
+    The caller loads the tokenizer (`finesmith.model.load.load_chat_tokenizer`), so the
+    data layer never loads a model.
+
     Args:
-        path: training data; model: anything `--model` accepts (its tokenizer is used).
+        path: training data; tokenizer: the model's tokenizer, with its chat template.
         max_length, fmt, fields, truncation: as in training.
         eval_path: held-out data to validate and test for overlap.
         show: how many valid examples to render with their trained tokens highlighted.
@@ -101,11 +104,9 @@ def data_check(path: str, model: str, max_length: int, fmt: str = "auto", fields
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from finesmith.data.formats import parse_records
-    from finesmith.model.load import load_chat_tokenizer
     from finesmith.data.validate import check_data
 
     console = console or Console(highlight=False)
-    tokenizer, _ = load_chat_tokenizer(model, notify=console.print)
     sizes = [Path(p).stat().st_size for p in (path, eval_path) if p and Path(p).is_file()]
     with Progress(TextColumn("checking"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:

@@ -136,10 +136,7 @@ def tokenize_examples(tokenizer: Any, examples: Iterable[AnyExample], max_length
         if isinstance(example, PreferenceExample):
             raise FinesmithError(f"{example.source}: {PREFERENCE_NOT_TRAINABLE}")
         if isinstance(example, TextExample):
-            windows = text_windows(*text_tokens(tokenizer, example.text), max_length, bos_to_prepend(tokenizer))
-            stats.split += len(windows) > 1
-            for ids, mask in windows:
-                _keep(out, stats, ids, mask, example.source)
+            out += lm_windows(tokenizer, [(example.source, example.text)], max_length, stats)
             continue
         ids, mask = tokens_and_mask(tokenizer, list(example.messages))
         if len(ids) > max_length:
@@ -150,6 +147,35 @@ def tokenize_examples(tokenizer: Any, examples: Iterable[AnyExample], max_length
             stats.truncated += 1
         _keep(out, stats, ids, mask, example.source)
     return out, stats
+
+
+def lm_windows(tokenizer: Any, texts: Iterable[tuple[str, str]], max_length: int,
+               stats: TokenizeStats | None = None) -> list[TokenizedExample]:
+    """Plain texts as language-modelling windows, the one way training, evaluation and
+    staged runs turn text into tokens.
+
+    Each text is BOS (when the model uses one) + text + EOS with every token trained
+    (`text_tokens`), cut into consecutive `max_length` windows (`text_windows`). A window
+    with nothing to predict (no trained token after its first) is left out and counted as
+    dropped.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        texts: `(source, text)` pairs; the source names where each window came from.
+        max_length: tokens per window.
+        stats: counts to add to (windows kept, texts split, windows dropped), if wanted.
+    Returns:
+        The windows, in the order of the texts.
+    """
+    stats = stats if stats is not None else TokenizeStats()
+    bos = bos_to_prepend(tokenizer)
+    out: list[TokenizedExample] = []
+    for source, text in texts:
+        windows = text_windows(*text_tokens(tokenizer, text), max_length, bos)
+        stats.split += len(windows) > 1
+        for ids, mask in windows:
+            _keep(out, stats, ids, mask, source)
+    return out
 
 
 def _keep(out: list[TokenizedExample], stats: TokenizeStats, ids: list[int], mask: list[bool], source: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from finesmith.data.documents import html_to_text, pdf_to_text
 from finesmith.data.formats import AnyExample, Example, PreferenceExample, TextExample, parse_records
 from finesmith.data.load import Record, data_kind
 from finesmith.data.pii import KINDS, Finding, scan_text
@@ -333,9 +334,6 @@ def _trained_texts(example: AnyExample) -> Iterator[str]:
 
 def _document_text(path: str) -> str:
     """The text of a .pdf (its text layer) or .html (its visible text) file."""
-    # The readers live with corpus ingestion, the one user of such files; imported only here.
-    from finesmith.domain.ingest import html_to_text, pdf_to_text
-
     try:
         if path.lower().endswith(".pdf"):
             return pdf_to_text(Path(path))

@@ -1,7 +1,8 @@
 """Turn a folder of documents into a clean, deduplicated corpus split by document.
 
 Readers: `.txt`/`.md` (as is), `.html`/`.htm` (visible text via the stdlib parser),
-`.pdf` (text layer via pypdf), `.jsonl` (one document per line, a `text` field).
+`.pdf` (text layer via pypdf), `.jsonl` (one document per line, a `text` field); the HTML
+and PDF readers live in `finesmith.data.documents`, shared with the sensitive-data check.
 Whitespace is normalised, near-empty documents are dropped, exact duplicates are found
 by hashing the normalised text and near duplicates by MinHash LSH over word shingles.
 The train/eval split assigns whole documents, so no eval text was ever seen in training.
@@ -10,21 +11,17 @@ The train/eval split assigns whole documents, so no eval text was ever seen in t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 
+from finesmith.data.documents import html_to_text, pdf_to_text, require
 from finesmith.errors import FinesmithError
 
 CORPUS_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".jsonl")
-SKIPPED_HTML_TAGS = {"script", "style", "noscript", "template", "head"}
-BLOCK_HTML_TAGS = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article",
-                   "pre", "blockquote", "table", "ul", "ol", "dd", "dt", "hr", "title"}
 
 
 @dataclass(frozen=True)
@@ -64,62 +61,6 @@ class Corpus:
     train: list[Document]
     eval: list[Document]
     stats: IngestStats
-
-
-class _TextExtractor(HTMLParser):
-    """Collects visible text; block elements become paragraph breaks."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip_depth = 0
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag in SKIPPED_HTML_TAGS:
-            self._skip_depth += 1
-        elif tag in BLOCK_HTML_TAGS:
-            self.parts.append("\n\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in SKIPPED_HTML_TAGS:
-            self._skip_depth = max(0, self._skip_depth - 1)
-        elif tag in BLOCK_HTML_TAGS:
-            self.parts.append("\n\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip_depth:
-            self.parts.append(data)
-
-
-def require(module: str, purpose: str) -> None:
-    """Fail with an install hint when an optional dependency of the `domain` extra is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise FinesmithError(f"{purpose} needs {module}; install it with `pip install 'finesmith[domain]'`")
-
-
-def html_to_text(html: str) -> str:
-    """Visible text of an HTML page (scripts, styles and the head are left out)."""
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    return "".join(parser.parts)
-
-
-def pdf_to_text(path: Path) -> str:
-    """Text layer of a PDF, pages separated by blank lines.
-
-    Raises:
-        FinesmithError: the file is not a readable PDF.
-    """
-    require("pypdf", "reading .pdf files")
-    from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
-
-    try:
-        reader = PdfReader(str(path))
-        return "\n\n".join(page.extract_text() or "" for page in reader.pages)
-    except (PdfReadError, ValueError, KeyError) as exc:
-        raise FinesmithError(f"{path}: not a readable PDF ({exc}); remove it from the corpus or re-export it") from None
 
 
 def normalise_whitespace(text: str) -> str:

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from finesmith.config import TrainConfig, from_dict, read_yaml
-from finesmith.data.tokenize import TokenizedExample, bos_to_prepend, text_tokens, text_windows
+from finesmith.config import TrainConfig, from_dict, parse_override, read_yaml, set_dotted
+from finesmith.data.tokenize import TokenizedExample, lm_windows
 from finesmith.domain.ingest import Corpus, Document, ingest_corpus
 from finesmith.domain.vocab import add_domain_tokens, candidate_terms, general_english_text
 from finesmith.errors import FinesmithError
@@ -120,29 +118,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
-    """`key=value` for shared keys, `stages.NAME.key=value` for one stage (values parsed as YAML)."""
+    """`key=value` for shared keys, `stages.NAME.key=value` for one stage (values parsed as YAML).
+
+    The parsing and the dotted assignment are the config's own (`finesmith.config`); this
+    adds only the lookup of the stage a `stages.NAME.` prefix names.
+    """
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FinesmithError(f"override '{item}' is not key=value; write e.g. lr=1e-4 or stages.sft.epochs=2")
-        parts = key.strip().split(".")
+        key, value = parse_override(item, example="stages.sft.epochs=2")
+        parts = key.split(".")
         node = raw
         if parts[0] == "stages" and len(parts) > 2:
             node = next((s for s in raw.get("stages") or [] if isinstance(s, dict) and s.get("name") == parts[1]), None)
             if node is None:
                 raise FinesmithError(f"override '{item}': no stage named '{parts[1]}'")
             parts = parts[2:]
-        _set(node, parts, yaml.safe_load(value) if value.strip() else None)
+        _set(node, parts, value)
 
 
 def _set(node: dict[str, Any], parts: list[str], value: Any) -> None:
-    for part in parts[:-1]:
-        if isinstance(node.get(part), str) and part == "data":
-            node[part] = {"path": node[part]}  # `data: x` is short for `data: {path: x}`
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise FinesmithError(f"config: `{part}` is not a section, so `{'.'.join(parts)}` cannot be set")
-    node[parts[-1]] = value
+    set_dotted(node, ".".join(parts), value)
 
 
 def has_stages(path: str | None) -> bool:
@@ -185,19 +179,12 @@ def write_text_jsonl(path: Path, documents: list[Document]) -> str:
 
 
 def lm_examples(tokenizer: Any, documents: list[Document], max_length: int) -> list[TokenizedExample]:
-    """Documents as language-modelling windows, exactly as training sees them.
+    """Documents as language-modelling windows, exactly as training sees them (`lm_windows`).
 
-    Each document is BOS (if the model uses one) + text + EOS with every token trained,
-    cut into `max_length` windows; packing keeps documents apart with a block mask, so the
-    loss of a packed batch is the sum of the per-document losses.
+    Packing keeps documents apart with a block mask, so the loss of a packed batch is the
+    sum of the per-document losses.
     """
-    bos = bos_to_prepend(tokenizer)
-    out = []
-    for doc in documents:
-        for ids, mask in text_windows(*text_tokens(tokenizer, doc.text), max_length, bos):
-            if any(mask[1:]):
-                out.append(TokenizedExample(tuple(ids), tuple(mask), doc.source))
-    return out
+    return lm_windows(tokenizer, ((doc.source, doc.text) for doc in documents), max_length)
 
 
 # --- measurements ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finesmith.data.formats import AnyExample, Example, TextExample
-from finesmith.data.tokenize import TokenizedExample, bos_to_prepend, text_tokens, text_windows, tokens_and_mask
+from finesmith.data.tokenize import TokenizedExample, lm_windows, tokens_and_mask
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.fewshot import SHOT_FORMATS, STRATEGIES, ShotSelector, budgeted_prompt
 from finesmith.evaluate.generate import generate
@@ -152,8 +152,8 @@ def evaluate_texts(model: Any, tokenizer: Any, examples: Sequence[AnyExample], o
     mixed = next((ex for ex in examples if not isinstance(ex, TextExample)), None)
     if mixed is not None:
         raise FinesmithError(f"{mixed.source}: the file mixes raw text with other rows; evaluate them separately")
-    return perplexity_result(model, tokenize_texts(tokenizer, [(ex.source, ex.text) for ex in examples],
-                                                   options.max_length), options)
+    return perplexity_result(model, lm_windows(tokenizer, [(ex.source, ex.text) for ex in examples],
+                                               options.max_length), options)
 
 
 def evaluate_conversations(model: Any, tokenizer: Any, examples: Sequence[Example], pool: Sequence[Example],
@@ -203,13 +203,6 @@ def open_generation(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any
         record.update(prediction=answer, correct=normalise_answer(answer) == normalise_answer(ref))
     metrics = {"generate": generation_metrics(references, answers)}
     return EvalResult("generation", len(records), options.shots, metrics["generate"]["exact_match"], metrics, [], records)
-
-
-def tokenize_texts(tokenizer: Any, texts: Sequence[tuple[str, str]], max_length: int) -> list[TokenizedExample]:
-    """Raw texts as language-modelling sequences (long ones in consecutive windows), as training sees them."""
-    bos = bos_to_prepend(tokenizer)
-    return [TokenizedExample(tuple(ids), tuple(mask), where) for where, text in texts
-            for ids, mask in text_windows(*text_tokens(tokenizer, text), max_length, bos)]
 
 
 def perplexity_result(model: Any, tokenized: Sequence[TokenizedExample], options: EvalOptions) -> EvalResult:

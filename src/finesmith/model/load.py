@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from finesmith.core.paths import cache_root
 from finesmith.core.templates import ensure_chat_template
 from finesmith.errors import FinesmithError
 
@@ -47,8 +48,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 def cache_dir() -> Path:
     """Where converted built-in models live; override with FINESMITH_CACHE."""
-    root = os.environ.get("FINESMITH_CACHE") or Path.home() / ".cache" / "finesmith"
-    return Path(root) / "models"
+    return cache_root() / "models"
 
 
 def resolve_model_path(spec: str) -> tuple[str, str | None]:

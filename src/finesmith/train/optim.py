@@ -10,9 +10,8 @@ from typing import Any
 import torch
 
 from finesmith.errors import FinesmithError
+from finesmith.model.load import embedding_module_names
 
-
-EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 MIN_LR_RATIO = 0.1  # the cosine ends at this share of the peak rate
 
 
@@ -31,10 +30,13 @@ def build_optimizer(model: Any, lr: float, weight_decay: float, kind: str = "ada
     Returns:
         The optimizer.
     """
+    # Matched by name part, so the full copies an adapter trains
+    # (`...embed_tokens.modules_to_save.default.weight`) count as embeddings too.
+    embedding_modules = set(embedding_module_names(model))
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            embedding = any(part in EMBEDDING_MODULES for part in name.split("."))
+            embedding = any(part in embedding_modules for part in name.split("."))
             groups.setdefault((param.ndim >= 2, embedding), []).append(param)
     param_groups = [{"params": params, "weight_decay": weight_decay if decay else 0.0,
                      "lr": lr * (embedding_lr_ratio if embedding else 1.0)}
