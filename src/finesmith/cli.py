@@ -103,6 +103,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--eval-data", help="held-out file: validated too, and checked for overlap")
     check.add_argument("--show", type=int, default=0, metavar="N", help="render N examples with trained tokens highlighted")
     check.add_argument("--format", default="auto", help="auto, chat, sharegpt, alpaca, prompt_completion, text or preference")
+    check.add_argument("--tool-format", default="template", choices=("template", "hermes"),
+                       help="template: the model's own chat template must render tools; hermes: render tools, "
+                            "calls and results as text (see README)")
     check.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
                        help="read field NAME from COLUMN (repeatable), e.g. --field output=answer")
     scan = data_sub.add_parser("scan", help="count sensitive data (PII, secrets) by kind with file:line, never the values")
@@ -219,11 +222,13 @@ def cmd_data(args: argparse.Namespace) -> None:
     from finesmith.config import DataSettings, TrainConfig
     from finesmith.data.show import data_check
     from finesmith.model.load import load_chat_tokenizer
+    from finesmith.pipeline import apply_tool_format
 
     fields = dict(item.partition("=")[::2] for item in args.field)
     TrainConfig(model=args.model, output="-", max_length=args.max_length, truncation=args.truncation,
                 data=DataSettings(args.file, args.format, fields)).validate()  # same errors as train
     tokenizer, _ = load_chat_tokenizer(args.model, notify=console.print)
+    apply_tool_format(tokenizer, args.tool_format)
     report = data_check(args.file, tokenizer, args.max_length, args.format, fields, args.truncation,
                         args.eval_data, args.show, console)
     if not report.ok:

@@ -25,6 +25,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
+TOOL_FORMATS = ("template", "hermes")  # see finesmith.data.tool_templates
 
 # Default tokens per packed row. Attention in a row costs the square of its length: on a
 # 2-core CPU, SmolLM2-135M trained 2x faster on 16 examples in rows of 512 than in one
@@ -84,6 +85,7 @@ class TrainConfig:
     skip_invalid: bool = False  # drop invalid examples (counted) instead of refusing to train
     max_invalid_fraction: float = 0.1  # with skip_invalid: abort when more than this share is invalid
     refuse_pii: bool = False  # refuse to train when `finesmith data scan` would find sensitive data
+    tool_format: str = "template"  # template: the model's own (must render tools) | hermes: tools as text
     method: str = "lora"  # full | lora | qlora | prompt_tuning | prefix_tuning | ia3
     epochs: float | str = 3.0  # or auto: from the dataset size
     max_steps: int | None = None  # overrides epochs when set
@@ -136,6 +138,7 @@ class TrainConfig:
         if not 0 <= self.max_invalid_fraction <= 1:
             raise FinesmithError(f"config: `max_invalid_fraction` must be in [0, 1], got {self.max_invalid_fraction}")
         _choice("truncation", self.truncation, TRUNCATION_POLICIES)
+        _choice("tool_format", self.tool_format, TOOL_FORMATS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         for tracker in self.report_to:
             _choice("report_to", tracker, TRACKERS)

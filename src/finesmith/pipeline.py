@@ -23,6 +23,7 @@ from finesmith.data.cache import data_cache_key, load_tokenized, save_tokenized
 from finesmith.data.formats import load_examples
 from finesmith.data.pack import pack_bins, packing_efficiency
 from finesmith.data.tokenize import TokenizedExample, tokenize_examples
+from finesmith.data.tool_templates import install_tool_format
 from finesmith.data.validate import MIN_EXAMPLES, load_checked, refuse_sensitive
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.tasks import EvalOptions, EvalResult, evaluate_examples
@@ -74,6 +75,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     if previous:
         console.print(f"resuming from {previous[1]}")
     tokenizer, added_tokens = load_chat_tokenizer(config.model, notify=console.print)
+    hermes = apply_tool_format(tokenizer, config.tool_format)
     train_data = prepare_data(tokenizer, config.data.path, config, "train")
     eval_data = prepare_data(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
     config, chosen = resolve_auto(config, len(train_data.examples))
@@ -82,6 +84,8 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
                       f" (from {len(train_data.examples)} examples, method {config.method})")
     settings = loop_settings(config, train_data.examples)
     record = new_record(config, method, tokenizer, added_tokens, train_data, eval_data, settings)
+    if hermes:
+        record.tokenizer["template_source"] += "+hermes-tools"
     if previous:
         run, checkpoint = previous
         check_same_run(run.record, record, output)
@@ -169,6 +173,17 @@ def _is_fallback(tokenizer: Any) -> bool:
     return getattr(tokenizer, "chat_template", None) == CHATML_TEMPLATE
 
 
+def apply_tool_format(tokenizer: Any, tool_format: str) -> bool:
+    """Install the Hermes tool rendering when asked for and needed; say so. True when installed."""
+    installed = install_tool_format(tokenizer, tool_format)
+    if installed:
+        console.print("tool_format hermes: tools, tool calls and tool results are rendered as text "
+                      "(<tools>, <tool_call>, <tool_response>) inside the model's chat template")
+    elif tool_format == "hermes":
+        console.print("tool_format hermes: the model's chat template renders tools itself; it is used as is")
+    return installed
+
+
 def portable_spec(spec: str) -> str:
     """A model spec that still names the same model from another folder: local paths made absolute."""
     path = Path(spec).expanduser()
@@ -184,6 +199,7 @@ def dry_run(config: TrainConfig) -> None:
 
     check_method_supported(config)
     tokenizer, _ = load_chat_tokenizer(config.model, notify=console.print)
+    apply_tool_format(tokenizer, config.tool_format)
     train_data = prepare_data(tokenizer, config.data.path, config, "train")
     if config.eval_data:
         prepare_data(tokenizer, config.eval_data, config, "eval")

@@ -1,9 +1,15 @@
 """Dataset shapes, detected from each row (or chosen in the config), parsed into examples.
 
 Conversational shapes become an `Example` (a list of messages `{"role", "content"[, "weight"]}`):
-- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`
-  (the OpenAI fine-tuning format; an assistant turn with `"weight": 0` is not trained)
-- sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}`
+- chat: `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...], "tools"?: [...]}`
+  (the hosted fine-tuning API's format; an assistant turn with `"weight": 0` is not trained).
+  `content` may be a list of parts (`{"type": "text", "text": ...}`; text parts are joined
+  with newlines, other part types are refused: the models finesmith trains read text).
+  Assistant turns may call tools (`tool_calls`, or the older `function_call`), answered by
+  `tool` messages (`tool_call_id`) or the older `function` role; `tools` (or the older
+  `functions`) lists the function schemas. See `finesmith.data.tools`.
+- sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation", "value": ...}, ...],
+  "tools"?: ...}` (a `function_call` turn's value is the call as JSON, an `observation` is its result)
 - alpaca: `{"instruction", "input"?, "output"}`
 - prompt_completion: `{"prompt", "completion"}`
 
@@ -22,14 +28,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from finesmith.data.load import Record, iter_records
+from finesmith.data.load import MAX_DEPTH, Record, iter_records, nesting_depth
+from finesmith.data.tools import normalise_message, normalise_tools, sharegpt_turn, tool_problems
 from finesmith.errors import FinesmithError
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 FORMATS = ("auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
 FIELD_NAMES = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion",
-               "text", "chosen", "rejected")
+               "text", "chosen", "rejected", "tools")
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Example:
 
     messages: tuple[dict[str, Any], ...]
     source: str
+    tools: tuple[dict[str, Any], ...] | None = None  # function schemas the conversation may call
 
     @property
     def prompt_messages(self) -> list[dict[str, Any]]:
@@ -46,8 +55,14 @@ class Example:
 
     @property
     def answer(self) -> str:
-        """The final assistant turn: the reference answer in evaluation."""
+        """The final assistant turn's text: the reference answer in evaluation."""
         return self.messages[-1]["content"]
+
+    @property
+    def answer_tool_calls(self) -> list[dict[str, Any]]:
+        """`[{"name", "arguments"}]` of the final assistant turn ([] when it calls no tool)."""
+        return [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in self.messages[-1].get("tool_calls") or []]
 
 
 @dataclass(frozen=True)
@@ -126,29 +141,33 @@ def row_to_example(row: dict[str, Any], where: str, fmt: str = "auto",
 
 def _chat(row: dict[str, Any], where: str) -> Example:
     messages = row.get("messages")
-    _raise_if(message_problems(messages), where)
-    return Example(tuple(messages), where)
+    tools, problems = normalise_tools(row.get("tools", row.get("functions")))
+    if isinstance(messages, list):
+        messages = [normalise_message(m, i, problems) for i, m in enumerate(messages, start=1)]
+    _raise_if(problems + conversation_problems(messages, tools), where)
+    return Example(tuple(messages), where, tools)
 
 
 def _sharegpt(row: dict[str, Any], where: str) -> Example:
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise FinesmithError(f"{where}: `conversations` must be a non-empty list of {{from, value}} objects")
-    messages, problems = [], []
+    tools, problems = normalise_tools(row.get("tools"))
+    messages = []
     for index, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
             problems.append(f"turn {index} is not an object; write {{\"from\": ..., \"value\": ...}}")
             continue
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
-            problems.append(f"turn {index} has unknown role {turn.get('from')!r}; use human, gpt or system")
+            problems.append(f"turn {index} has unknown role {turn.get('from')!r}; use human, gpt, system, "
+                            "function_call or observation")
             continue
-        message = {"role": role, "content": turn.get("value")}
-        if "weight" in turn:
-            message["weight"] = turn["weight"]
-        messages.append(message)
-    _raise_if(problems or message_problems(messages), where)
-    return Example(tuple(messages), where)
+        message = sharegpt_turn(turn, role, index, problems)
+        if message is not None:
+            messages.append(message)
+    _raise_if(problems + conversation_problems(messages, tools), where)
+    return Example(tuple(messages), where, tools)
 
 
 def _alpaca(row: dict[str, Any], where: str) -> Example:
@@ -222,12 +241,21 @@ def _raise_if(problems: list[str], where: str) -> None:
         raise FinesmithError(f"{where}: " + "; ".join(problems))
 
 
+def conversation_problems(messages: Any, tools: tuple[dict[str, Any], ...] | None) -> list[str]:
+    """`message_problems` plus the tool checks (call ids, known functions, results answered)."""
+    problems = message_problems(messages)
+    if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        problems += tool_problems(messages, tools)
+    return problems
+
+
 def message_problems(messages: Any) -> list[str]:
     """Every reason a conversation is not trainable, in message order (empty when fine).
 
     Checks: a non-empty list of objects, known roles, string content, a system message
-    only first, user and assistant alternating from a user turn, at least one assistant
-    turn, the last turn from the assistant, and no empty trained assistant turn.
+    only first, user and assistant alternating from a user turn (tool results between an
+    assistant's calls and its next turn), at least one assistant turn, the last turn from
+    the assistant, and no empty trained assistant turn (one that calls tools may have no text).
     """
     if not isinstance(messages, list) or not messages:
         return ["`messages` is missing or empty; it must be a non-empty list of {role, content} objects"]
@@ -243,7 +271,8 @@ def message_problems(messages: Any) -> list[str]:
             continue
         if not isinstance(content, str):
             problems.append(f"message {index} ({role}) has no text `content`; add a string content")
-        elif role == "assistant" and message.get("weight", 1) != 0 and not content.strip():
+        elif (role == "assistant" and message.get("weight", 1) != 0 and not content.strip()
+              and not message.get("tool_calls")):
             problems.append(f"message {index}: empty assistant content; give it the answer text")
         problems += _order_problem(index, role, previous)
         previous = role
@@ -259,7 +288,12 @@ def _order_problem(index: int, role: str, previous: str | None) -> list[str]:
     if role == "system":
         return [] if index == 1 else [f"message {index}: a system message may only come first; move or merge it"]
     if previous in (None, "system"):
-        return [] if role == "user" else [f"message {index}: the conversation starts with the assistant; it must start with a user turn"]
+        return [] if role == "user" else [f"message {index}: the conversation starts with the {role}; it must start with a user turn"]
+    if role == "tool":
+        return [] if previous in ("assistant", "tool") else [
+            f"message {index}: a tool result must follow the assistant turn that called the tool"]
+    if previous == "tool" and role != "assistant":
+        return [f"message {index}: tool results must be followed by an assistant turn, got {role!r}"]
     if role == previous:
         return [f"message {index}: two {role} turns in a row; merge them or add the missing turn"]
     return []
@@ -292,6 +326,8 @@ def parse_records(path: str, fmt: str = "auto", fields: dict[str, str] | None = 
             yield record, None, f"{record.where}: {record.problem}"
         elif record.row is None:
             yield record, None, None
+        elif nesting_depth(record.row) > MAX_DEPTH:  # CSV cells, Parquet and hub rows nest too
+            yield record, None, f"{record.where}: nested too deeply (over {MAX_DEPTH} levels); flatten the value"
         else:
             try:
                 yield record, row_to_example(record.row, record.where, fmt, fields), None

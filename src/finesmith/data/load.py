@@ -23,6 +23,8 @@ TEXT_SUFFIXES = (".txt", ".md")
 ROW_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 HUB_DATASET = re.compile(r"^[\w.-]+/[\w.-]+$")
 BOM = "\ufeff"
+MAX_DEPTH = 100  # real examples nest a few levels (messages, tool arguments); far deeper is an error
+MAX_LINE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,46 @@ def _jsonl_records(path: str) -> Iterator[Record]:
             yield _parse_object(text, where, warning, len(raw))
 
 
-def _parse_object(text: str, where: str, warning: str | None, nbytes: int) -> Record:
+def parse_json(text: str) -> tuple[Any, str | None]:
+    """`(value, None)`, or `(None, problem)` for text that is not JSON finesmith can use.
+
+    Beyond syntax errors this refuses what would make a later step fail: nesting deeper
+    than `MAX_DEPTH` (Python's parser and every recursive consumer have a recursion limit),
+    integers with more digits than Python converts, and lines over `MAX_LINE_BYTES`.
+    """
+    if len(text) > MAX_LINE_BYTES:
+        return None, f"the line is {len(text) / 2**20:.0f} MiB, over the {MAX_LINE_BYTES // 2**20} MiB limit; split it"
     try:
-        row = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return Record(where, problem=f"invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line",
-                      warning=warning, nbytes=nbytes)
+        return None, f"invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
+    except RecursionError:
+        return None, f"JSON nested too deeply (over {MAX_DEPTH} levels); flatten the value"
+    except ValueError as exc:  # e.g. an integer literal with more digits than Python converts
+        return None, f"invalid JSON value ({str(exc).splitlines()[0][:80]}); fix or remove the line"
+    if nesting_depth(value) > MAX_DEPTH:
+        return None, f"JSON nested too deeply (over {MAX_DEPTH} levels); flatten the value"
+    return value, None
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _parse_object(text: str, where: str, warning: str | None, nbytes: int) -> Record:
+    row, problem = parse_json(text)
+    if problem:
+        return Record(where, problem=problem, warning=warning, nbytes=nbytes)
     if not isinstance(row, dict):
         return Record(where, problem=f"expected a JSON object, got {type(row).__name__}; each line must be one example object",
                       warning=warning, nbytes=nbytes)
@@ -171,8 +207,16 @@ def _json_array_records(path: str) -> Iterator[Record]:
         except json.JSONDecodeError as exc:
             yield Record(f"{path}:{exc.lineno}", problem=f"invalid JSON ({exc.msg} at column {exc.colno}); the rest of the file is not read")
             return
-        yield (Record(where, row=value, warning=warning) if isinstance(value, dict) else
-               Record(where, problem=f"expected a JSON object, got {type(value).__name__}", warning=warning))
+        except (RecursionError, ValueError):
+            yield Record(where, problem=f"JSON nested too deeply or a value Python cannot read (over {MAX_DEPTH} "
+                                        "levels, or an integer with too many digits); the rest of the file is not read")
+            return
+        if nesting_depth(value) > MAX_DEPTH:
+            yield Record(where, problem=f"JSON nested too deeply (over {MAX_DEPTH} levels); flatten the value")
+        elif isinstance(value, dict):
+            yield Record(where, row=value, warning=warning)
+        else:
+            yield Record(where, problem=f"expected a JSON object, got {type(value).__name__}", warning=warning)
         warning = None
         index = _skip_space(text, index)
         if index < len(text) and text[index] == ",":
@@ -211,10 +255,8 @@ def _csv_records(path: str) -> Iterator[Record]:
 
 def _cell(value: str | None) -> Any:
     if value and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
+        parsed, problem = parse_json(value)
+        return value if problem else parsed
     return value
 
 

@@ -53,7 +53,7 @@ def masked_text(tokenizer: Any, example: AnyExample) -> Text:
     else:
         messages = (list(example.messages) if isinstance(example, Example) else
                     list(example.prompt) + [{"role": "assistant", "content": example.chosen}])
-        ids, mask = tokens_and_mask(tokenizer, messages)
+        ids, mask = tokens_and_mask(tokenizer, messages, example.tools if isinstance(example, Example) else None)
     text = Text()
     for token, trained in zip(ids, mask):
         text.append(tokenizer.decode([token]), style=TRAINED_STYLE if trained else CONTEXT_STYLE)

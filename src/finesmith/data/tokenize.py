@@ -9,7 +9,7 @@ so they always see the same tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,26 +29,86 @@ class TokenizedExample:
         return len(self.input_ids)
 
 
-def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+TEMPLATE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+           tools: Sequence[dict[str, Any]] | None = None) -> str:
+    """The conversation as the model's chat template writes it (tools passed as `tools=`).
+
+    Raises:
+        FinesmithError: the template refuses the conversation (e.g. a role order it forbids).
+    """
+    import jinja2
+
+    plain = [{k: m[k] for k in TEMPLATE_FIELDS if k in m} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(plain, tools=list(tools) if tools else None, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, TypeError) as exc:
+        raise FinesmithError(f"the chat template refused this conversation ({str(exc)[:200]}); "
+                             "check the roles and their order") from None
+
+
+PROBE_TOOL = {"type": "function", "function": {"name": "finesmith_probe_tool", "description": "probe",
+                                               "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+PROBE_CALL = [{"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"id": "call_0", "type": "function",
+                   "function": {"name": "finesmith_probe_call", "arguments": {"q": "finesmith_probe_argument"}}}]},
+              {"role": "tool", "tool_call_id": "call_0", "content": "finesmith_probe_result"}]
+PROBE_WORDS = ("finesmith_probe_tool", "finesmith_probe_call", "finesmith_probe_argument", "finesmith_probe_result")
+
+
+def uses_tools(example: Example) -> bool:
+    """True when the conversation lists tools, calls one, or holds a tool result."""
+    return bool(example.tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in example.messages)
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template writes out tool schemas, calls (name and arguments) and results.
+
+    Found by rendering a probe conversation (the answer is cached on the tokenizer).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    cached = getattr(tokenizer, "_finesmith_tool_support", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    try:
+        text = render(tokenizer, PROBE_CALL, add_generation_prompt=True, tools=[PROBE_TOOL])
+        supported = all(word in text for word in PROBE_WORDS)
+    except FinesmithError:
+        supported = False
+    tokenizer._finesmith_tool_support = (template, supported)
+    return supported
+
+
+def require_tool_support(tokenizer: Any, where: str) -> None:
+    """Refuse (one line naming `where`) an example with tools when the template would drop them."""
+    if not template_renders_tools(tokenizer):
+        raise FinesmithError(
+            f"{where}: this example uses tools, but the model's chat template does not render tools, tool calls "
+            "and tool results (they would be silently dropped); set tool_format: hermes to render them as text "
+            "in the Hermes style, or use a model whose template supports tools")
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]],
+                    tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return the text and the character spans to train on.
 
     Each trained span runs from the end of the rendered prompt before an assistant turn
     to the end of that turn including its end-of-turn marker (whitespace the template
     puts after the marker is not part of the answer). Assistant turns with `weight: 0`
-    are rendered but not trained.
+    are rendered but not trained. Tool calls are part of the assistant turn (trained); tool
+    results are prompt text like any other (never trained).
     """
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, tools=tools)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True)
-        full = render(tokenizer, messages[: index + 1])
+        prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
+        full = render(tokenizer, messages[: index + 1], tools=tools)
         if not (full.startswith(prompt) and text.startswith(full)):
             raise FinesmithError(
                 "the chat template does not render conversations incrementally (a turn changes "
@@ -70,9 +130,10 @@ def text_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[bool]]:
     return ids, [bos is None or index > 0 for index in range(len(ids))]
 
 
-def tokens_and_mask(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
+def tokens_and_mask(tokenizer: Any, messages: list[dict[str, Any]],
+                    tools: Sequence[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and the supervised mask, with exactly one BOS."""
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, tools)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     supervised = [any(start <= a < end for start, end in spans) for a, _ in encoded["offset_mapping"]]
@@ -92,9 +153,10 @@ def bos_to_prepend(tokenizer: Any) -> int | None:
     return bos if probe and probe[0] == bos else None
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+               ) -> list[int]:
     """Token ids for a generation prompt (conversation + the assistant header)."""
-    text = render(tokenizer, messages, add_generation_prompt=True)
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = bos_to_prepend(tokenizer)
     if bos is not None and (not ids or ids[0] != bos):
@@ -138,7 +200,9 @@ def tokenize_examples(tokenizer: Any, examples: Iterable[AnyExample], max_length
         if isinstance(example, TextExample):
             out += lm_windows(tokenizer, [(example.source, example.text)], max_length, stats)
             continue
-        ids, mask = tokens_and_mask(tokenizer, list(example.messages))
+        if uses_tools(example):
+            require_tool_support(tokenizer, example.source)
+        ids, mask = tokens_and_mask(tokenizer, list(example.messages), example.tools)
         if len(ids) > max_length:
             if truncation == "drop":
                 stats.dropped += 1
@@ -219,7 +283,10 @@ def rendered_lengths(tokenizer: Any, examples: list[AnyExample]) -> list[int]:
             continue
         messages = list(example.messages) if isinstance(example, Example) else (
             list(example.prompt) + [{"role": "assistant", "content": example.chosen}])
-        texts.append(render(tokenizer, messages))
+        tools = example.tools if isinstance(example, Example) else None
+        if isinstance(example, Example) and uses_tools(example):
+            require_tool_support(tokenizer, example.source)
+        texts.append(render(tokenizer, messages, tools=tools))
         extra.append(-1)  # -1: add a BOS only when the rendered text lacks one
     encoded = _batch_ids(tokenizer, texts) if texts else []
     return [len(ids) + (e if e >= 0 else int(bos is not None and (not ids or ids[0] != bos)))

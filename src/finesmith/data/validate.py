@@ -24,6 +24,8 @@ from finesmith.data.formats import AnyExample, Example, PreferenceExample, TextE
 from finesmith.data.load import Record, data_kind
 from finesmith.data.pii import KINDS, Finding, scan_text
 from finesmith.data.tokenize import rendered_lengths
+from finesmith.data.tokenize import template_renders_tools, uses_tools
+from finesmith.data.tools import calls_as_text
 from finesmith.errors import FinesmithError
 
 MIN_EXAMPLES = 10  # fewer cannot teach a model anything reliable: an error
@@ -114,7 +116,8 @@ class _Fingerprints:
 def fingerprint(example: AnyExample) -> int:
     """A 64-bit digest of an example's content (roles and texts, not its location)."""
     if isinstance(example, Example):
-        content: Any = [[m["role"], m["content"]] for m in example.messages]
+        content: Any = [[m["role"], m["content"], calls_as_text(m.get("tool_calls") or [])] for m in example.messages]
+        content.append(example.tools)
     elif isinstance(example, TextExample):
         content = example.text
     else:
@@ -146,13 +149,21 @@ def check_data(path: str, tokenizer: Any, max_length: int, fmt: str = "auto", fi
             held_out.setdefault(fingerprint(example), example.source)
     seen = _Fingerprints()
     batch: list[AnyExample] = []
+    unrendered: list[str] = []  # examples with tools the template cannot render
     for example in _scan(path, fmt, fields, report, report, on_progress):
         seen.add(fingerprint(example), example.source)
+        if isinstance(example, Example) and uses_tools(example) and not template_renders_tools(tokenizer):
+            unrendered.append(example.source)
+            continue
         batch.append(example)
         if len(batch) == BATCH:
             report.lengths.extend(rendered_lengths(tokenizer, batch))
             batch = []
     report.lengths.extend(rendered_lengths(tokenizer, batch))
+    if unrendered:
+        report.errors.append(f"{unrendered[0]}: {len(unrendered)} examples use tools (first here), but the model's "
+                             "chat template does not render tools, calls and results; check with --tool-format "
+                             "hermes (train with tool_format: hermes) or use a model whose template supports tools")
     _report_duplicates(report, seen, held_out)
     _report_size(report)
     return report
