@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 import zlib
@@ -171,3 +172,18 @@ def test_clean_parquet_passes_the_scan_and_trains(tiny_model, tmp_path, capsys):
     code, err = train(tiny_model, path, tmp_path / "o", capsys=capsys)
     assert code == 0, err
     assert (tmp_path / "o" / "config.yaml").exists()
+
+
+def test_tool_call_arguments_are_scanned(tiny_model, tmp_path, capsys):
+    from finesmith.cli import main
+
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "send_mail", "arguments": json.dumps({"to": "jane.doe@example.com"})}}
+    rows = [{"messages": [{"role": "user", "content": f"Mail Jane, note {i}"},
+                          {"role": "assistant", "content": None, "tool_calls": [call]}]} for i in range(12)]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--model", tiny_model, "--data", str(data), "--output", str(tmp_path / "run"),
+                 "--max-steps", "1", "refuse_pii=true", "tool_format=hermes"]) == 2
+    err = capsys.readouterr().err
+    assert "EMAIL" in err and "jane.doe" not in err

@@ -339,6 +339,9 @@ def _trained_texts(example: AnyExample) -> Iterator[str]:
         return
     messages = example.messages if isinstance(example, Example) else example.prompt
     yield from (m["content"] for m in messages if isinstance(m.get("content"), str))
+    for message in messages:  # tool call arguments are trained text too
+        if message.get("tool_calls"):
+            yield calls_as_text(message["tool_calls"])
     if isinstance(example, PreferenceExample):
         yield from (example.chosen, example.rejected)
 
