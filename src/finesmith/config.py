@@ -26,6 +26,8 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
 TOOL_FORMATS = ("template", "hermes")  # see finesmith.data.tool_templates
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto")
 
 # Default tokens per packed row. Attention in a row costs the square of its length: on a
 # 2-core CPU, SmolLM2-135M trained 2x faster on 16 examples in rows of 512 than in one
@@ -62,6 +64,20 @@ class PromptSettings:
 
 
 @dataclass
+class PreferenceSettings:
+    """Settings of the preference objectives (`objective: dpo|ipo|orpo|simpo|kto`)."""
+
+    beta: float = 0.1  # dpo/ipo/kto: strength of the pull towards the reference; simpo: reward scale
+    label_smoothing: float = 0.0  # dpo: assumed share of flipped labels (conservative DPO)
+    gamma: float = 0.5  # simpo: target reward margin
+    simpo_beta: float = 2.0  # simpo: reward scale (SimPO works with far larger values than DPO's beta)
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term next to the chosen side's NLL
+    desirable_weight: float = 1.0  # kto: weight of desirable examples
+    undesirable_weight: float = 1.0  # kto: weight of undesirable examples
+    share_prompt: bool = True  # compute each pair's prompt once; both answers attend to it
+
+
+@dataclass
 class DataSettings:
     """Where the training data is and how to read it. `data: file.jsonl` is short for `data: {path: file.jsonl}`."""
 
@@ -87,6 +103,7 @@ class TrainConfig:
     refuse_pii: bool = False  # refuse to train when `finesmith data scan` would find sensitive data
     tool_format: str = "template"  # template: the model's own (must render tools) | hermes: tools as text
     method: str = "lora"  # full | lora | qlora | prompt_tuning | prefix_tuning | ia3
+    objective: str = "sft"  # sft | dpo | ipo | orpo | simpo | kto (what the loss is; method is the model setup)
     epochs: float | str = 3.0  # or auto: from the dataset size
     max_steps: int | None = None  # overrides epochs when set
     lr: float | str | None = None  # None or auto: the method's default (see resolved_lr)
@@ -116,6 +133,7 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     full: FullSettings = field(default_factory=FullSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
+    preference: PreferenceSettings = field(default_factory=PreferenceSettings)
 
     def resolved_lr(self) -> float:
         """The learning rate in effect: the user's, or the method's well-tried default."""
@@ -139,6 +157,13 @@ class TrainConfig:
             raise FinesmithError(f"config: `max_invalid_fraction` must be in [0, 1], got {self.max_invalid_fraction}")
         _choice("truncation", self.truncation, TRUNCATION_POLICIES)
         _choice("tool_format", self.tool_format, TOOL_FORMATS)
+        _choice("objective", self.objective, OBJECTIVES)
+        if not 0 <= self.preference.label_smoothing < 0.5:
+            raise FinesmithError(f"config: `preference.label_smoothing` must be in [0, 0.5), got "
+                                 f"{self.preference.label_smoothing}")
+        for key in ("beta", "desirable_weight", "undesirable_weight"):
+            if getattr(self.preference, key) <= 0:
+                raise FinesmithError(f"config: `preference.{key}` must be positive, got {getattr(self.preference, key)}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         for tracker in self.report_to:
             _choice("report_to", tracker, TRACKERS)

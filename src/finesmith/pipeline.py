@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from finesmith.config import TrainConfig, save_config
+from finesmith.config import PREFERENCE_OBJECTIVES, TrainConfig, save_config
 from finesmith.core.console import console
 from finesmith.core.device import pick_device
 from finesmith.core.templates import stop_token_ids
 from finesmith.data.cache import data_cache_key, load_tokenized, save_tokenized
 from finesmith.data.formats import load_examples
 from finesmith.data.pack import pack_bins, packing_efficiency
+from finesmith.data.pairs import tokenize_groups
 from finesmith.data.tokenize import TokenizedExample, tokenize_examples
 from finesmith.data.tool_templates import install_tool_format
 from finesmith.data.validate import MIN_EXAMPLES, load_checked, refuse_sensitive
@@ -111,9 +112,15 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     record.tokenizer["vocab_size"] = int(base.get_input_embeddings().num_embeddings)
     write_record(output, record)
     save_config(trained_config, output / "config.yaml")
+    objective = method.objective(config.objective, config.preference)
+    collate = method.collate(config.row_tokens, config.objective, config.preference.share_prompt)
+    if getattr(objective, "needs_reference", False):
+        train_data.examples[:] = with_reference(model, train_data, collate, config)
+        if eval_data:
+            eval_data.examples[:] = with_reference(model, eval_data, collate, config)
     try:
         result = fit(model, train_data.examples, settings, output, eval_data.examples if eval_data else None,
-                     objective=method.objective("sft"), collate=method.collate(config.row_tokens), resume=resume,
+                     objective=objective, collate=collate, resume=resume,
                      on_eval=sample_writer(tokenizer, config, output), run_config=trained_config.to_dict())
     except Preempted as stopped:
         record.state, record.result = "preempted", {"steps": stopped.step, "checkpoint": str(stopped.checkpoint)}
@@ -133,6 +140,25 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     write_record(output, record)
     report_outcome(result, output)
     return TrainOutcome(output, result, trainable, total)
+
+
+def with_reference(model: Any, data: PreparedData, collate: Any, config: TrainConfig) -> list[Any]:
+    """The groups with their reference log-probabilities: from the cache when this model and
+    these tokens were scored before (e.g. on resume), else one no-grad pass now."""
+    from finesmith.data.cache import load_reference, save_reference
+    from finesmith.train.preference import reference_logps
+
+    key = hashlib.sha256(f"{data.fingerprint['tokens_sha256']}:{model_fingerprint(config.model)}".encode()).hexdigest()[:32]
+    reference = load_reference(key, len(data.examples))
+    if reference is None:
+        console.print(f"reference log-probabilities: one pass over {len(data.examples)} examples "
+                      "(the model before training)")
+        reference = reference_logps(model, data.examples, collate, config.batch_size if isinstance(
+            config.batch_size, int) else 8)
+        save_reference(key, reference)
+    else:
+        console.print("reference log-probabilities from cache")
+    return [dataclasses.replace(g, reference=tuple(r)) for g, r in zip(data.examples, reference)]
 
 
 def report_outcome(result: TrainResult, output: Path) -> None:
@@ -235,6 +261,9 @@ def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> P
     data = config.data
     key = data_cache_key(path, tokenizer, config.max_length, data.format, data.fields, config.truncation,
                          config.skip_invalid, config.max_invalid_fraction)
+    preference = config.objective in PREFERENCE_OBJECTIVES
+    if preference:
+        key = None  # pairs are tokenized afresh (the cache holds SFT sequences)
     cached = load_tokenized(key) if key else None
     if cached:
         tokenized, stats = cached
@@ -243,7 +272,11 @@ def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> P
                                 max_invalid_fraction=config.max_invalid_fraction,
                                 min_examples=MIN_EXAMPLES if name == "train" else 1,
                                 notify=lambda line: console.print(line, markup=False))
-        tokenized, stats = tokenize_examples(tokenizer, examples, config.max_length, config.truncation)
+        if preference:
+            tokenized, stats = tokenize_groups(tokenizer, examples, config.max_length, config.truncation,
+                                               unpaired=config.objective == "kto")
+        else:
+            tokenized, stats = tokenize_examples(tokenizer, examples, config.max_length, config.truncation)
         if key and tokenized:
             save_tokenized(key, tokenized, stats)
     notes = ["tokenized data from cache"] if cached else []
@@ -253,7 +286,8 @@ def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> P
         notes.append(f"{stats.dropped} dropped (over max_length or nothing to train)")
     if stats.split:
         notes.append(f"{stats.split} documents split into {config.max_length}-token windows")
-    console.print(f"{name} data {path}: {stats.examples} examples, {stats.tokens:,} tokens, "
+    unit = {"kto": "feedback examples"}.get(config.objective, "pairs") if preference else "examples"
+    console.print(f"{name} data {path}: {stats.examples} {unit}, {stats.tokens:,} tokens, "
                   f"{stats.supervised_tokens:,} trained" + (f" ({'; '.join(notes)})" if notes else ""))
     if not tokenized:
         raise FinesmithError(f"{path}: no trainable examples left; raise max_length (now {config.max_length}) or check the data")
@@ -312,8 +346,19 @@ def sample_writer(tokenizer: Any, config: TrainConfig, output: Path) -> SampleWr
     """Greedy samples for the first `sample_prompts` eval examples at every eval, if asked for."""
     if not (config.sample_prompts and config.eval_data):
         return None
-    examples = load_examples(config.eval_data)[:config.sample_prompts]
+    examples = [as_conversation(ex) for ex in load_examples(config.eval_data)[:config.sample_prompts]]
     return SampleWriter(tokenizer, examples, output / "samples.jsonl", config.sample_max_new_tokens)
+
+
+def as_conversation(example: Any) -> Any:
+    """A preference pair or feedback row as a conversation ending in its preferred answer (for samples)."""
+    from finesmith.data.formats import Example, FeedbackExample, PreferenceExample
+
+    if isinstance(example, PreferenceExample):
+        return Example(example.prompt + ({"role": "assistant", "content": example.chosen},), example.source)
+    if isinstance(example, FeedbackExample):
+        return Example(example.prompt + ({"role": "assistant", "content": example.completion},), example.source)
+    return example
 
 
 def save_model(model: Any, tokenizer: Any, output: Path) -> None:

@@ -112,3 +112,23 @@ def load_tokenized(key: str) -> tuple[list[TokenizedExample], TokenizeStats] | N
     examples = [TokenizedExample(tuple(ids[a:b]), tuple(supervised[a:b]), source)
                 for a, b, source in zip(bounds[:-1], bounds[1:], meta["sources"])]
     return examples, TokenizeStats(**meta["stats"])
+
+
+def load_reference(key: str, n: int) -> list[tuple[float, ...]] | None:
+    """Cached reference log-probabilities of `n` groups (None on a miss or a mismatch)."""
+    path = data_cache_root() / f"reference-{key}.json"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return [tuple(v) for v in values] if isinstance(values, list) and len(values) == n else None
+
+
+def save_reference(key: str, values: list[tuple[float, ...]]) -> None:
+    """Store reference log-probabilities next to the tokenized data (written atomically)."""
+    root = data_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-reference-")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump([list(v) for v in values], handle)
+    os.replace(tmp, root / f"reference-{key}.json")

@@ -15,8 +15,12 @@ Conversational shapes become an `Example` (a list of messages `{"role", "content
 
 Two more shapes are distinct example types:
 - text: `{"text"}` or a `.txt`/`.md` document, a `TextExample` where every token is trained
-- preference: `{"prompt", "chosen", "rejected"}`, a `PreferenceExample` (validated and
-  loaded; preference training is a separate objective)
+- preference: `{"prompt", "chosen", "rejected"}` (strings, or a message list as the prompt
+  and `[{"role": "assistant", ...}]` answers), or the hosted fine-tuning API's DPO shape
+  `{"input": {"messages"}, "preferred_output", "non_preferred_output"}`: a `PreferenceExample`
+  for the preference objectives (`objective: dpo|ipo|orpo|simpo`)
+- feedback: `{"prompt", "completion", "label": true|false}`, a `FeedbackExample`: one answer
+  marked desirable or not, for `objective: kto`
 
 `fields` maps a canonical field name to the column that holds it in the user's file, e.g.
 `{"instruction": "question", "output": "answer"}`.
@@ -29,15 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from finesmith.data.load import MAX_DEPTH, Record, iter_records, nesting_depth
-from finesmith.data.tools import normalise_message, normalise_tools, sharegpt_turn, tool_problems
+from finesmith.data.tools import content_text, normalise_message, normalise_tools, sharegpt_turn, tool_problems
 from finesmith.errors import FinesmithError
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
-FORMATS = ("auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
+FORMATS = ("auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "feedback")
 FIELD_NAMES = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion",
-               "text", "chosen", "rejected", "tools")
+               "text", "chosen", "rejected", "tools", "label", "preferred_output", "non_preferred_output")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,17 @@ class PreferenceExample:
     source: str
 
 
-AnyExample = Example | TextExample | PreferenceExample
+@dataclass(frozen=True)
+class FeedbackExample:
+    """A prompt (as messages) with one answer marked desirable or not (unpaired feedback)."""
+
+    prompt: tuple[dict[str, Any], ...]
+    completion: str
+    desirable: bool
+    source: str
+
+
+AnyExample = Example | TextExample | PreferenceExample | FeedbackExample
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
@@ -92,8 +106,10 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "chat"
     if "conversations" in row:
         return "sharegpt"
-    if "chosen" in row and "rejected" in row:
+    if ("chosen" in row and "rejected" in row) or ("preferred_output" in row and "non_preferred_output" in row):
         return "preference"
+    if "completion" in row and "label" in row:
+        return "feedback"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if "prompt" in row and "completion" in row:
@@ -193,11 +209,11 @@ def _text(row: dict[str, Any], where: str) -> TextExample:
 
 
 def _preference(row: dict[str, Any], where: str) -> PreferenceExample:
-    prompt = row.get("prompt")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    problems = [] if isinstance(prompt, list) and prompt and _text_of(prompt[-1]) else [
-        "`prompt` must be a non-empty string or a list of messages ending with the user's turn"]
+    if "preferred_output" in row:  # the hosted fine-tuning API's DPO shape
+        given = row.get("input")
+        row = {"prompt": given.get("messages") if isinstance(given, dict) else None,
+               "chosen": row.get("preferred_output"), "rejected": row.get("non_preferred_output")}
+    prompt, problems = _prompt_messages(row.get("prompt"))
     answers = {key: _answer_text(row.get(key)) for key in ("chosen", "rejected")}
     problems += [f"`{key}` must be a non-empty string (or one assistant message)"
                  for key, text in answers.items() if text is None]
@@ -209,18 +225,46 @@ def _preference(row: dict[str, Any], where: str) -> PreferenceExample:
     return PreferenceExample(tuple(prompt), answers["chosen"], answers["rejected"], where)
 
 
+def _feedback(row: dict[str, Any], where: str) -> FeedbackExample:
+    prompt, problems = _prompt_messages(row.get("prompt"))
+    completion = _answer_text(row.get("completion"))
+    if completion is None:
+        problems.append("`completion` must be a non-empty string (or one assistant message)")
+    label = row.get("label")
+    if not isinstance(label, bool):
+        problems.append(f"`label` must be true (desirable) or false (undesirable), got {label!r}")
+    if not problems:
+        problems = message_problems(prompt + [{"role": "assistant", "content": completion}])
+    _raise_if(problems, where)
+    return FeedbackExample(tuple(prompt), completion, label, where)
+
+
+def _prompt_messages(prompt: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """A preference prompt as messages (a string is one user turn), and what is wrong with it."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        problems: list[str] = []
+        prompt = [normalise_message(m, i, problems) for i, m in enumerate(prompt, start=1)]
+        if problems:
+            return [], problems
+    if isinstance(prompt, list) and prompt and _text_of(prompt[-1]):
+        return prompt, []
+    return [], ["`prompt` must be a non-empty string or a list of messages ending with the user's turn"]
+
+
 def _text_of(message: Any) -> bool:
     return isinstance(message, dict) and isinstance(message.get("content"), str) and bool(message["content"].strip())
 
 
 def _answer_text(value: Any) -> str | None:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
-        value = value[0].get("content")
+        value = content_text(value[0].get("content"), 1, "assistant", [])
     return value if isinstance(value, str) and value.strip() else None
 
 
 PARSERS = {"chat": _chat, "sharegpt": _sharegpt, "alpaca": _alpaca, "prompt_completion": _prompt_completion,
-           "text": _text, "preference": _preference}
+           "text": _text, "preference": _preference, "feedback": _feedback}
 
 
 def _missing_text(row: dict[str, Any], keys: tuple[str, ...], shape: str) -> list[str]:

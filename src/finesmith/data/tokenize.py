@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finesmith.data.formats import AnyExample, Example, PreferenceExample, TextExample
+from finesmith.data.formats import AnyExample, Example, FeedbackExample, PreferenceExample, TextExample
 from finesmith.errors import FinesmithError
 
 
@@ -175,8 +175,8 @@ class TokenizeStats:
 
 
 PREFERENCE_NOT_TRAINABLE = (
-    "preference pairs (prompt/chosen/rejected) are loaded and validated, but training them needs a "
-    "preference objective that is not available yet; train on chat, Alpaca, prompt/completion or text data")
+    "preference pairs (prompt/chosen/rejected) and feedback rows train with a preference objective, not sft; "
+    "set objective: dpo (or ipo, orpo, simpo; kto for feedback rows)")
 
 
 def tokenize_examples(tokenizer: Any, examples: Iterable[AnyExample], max_length: int,
@@ -195,7 +195,7 @@ def tokenize_examples(tokenizer: Any, examples: Iterable[AnyExample], max_length
     stats = TokenizeStats()
     out = []
     for example in examples:
-        if isinstance(example, PreferenceExample):
+        if isinstance(example, (PreferenceExample, FeedbackExample)):
             raise FinesmithError(f"{example.source}: {PREFERENCE_NOT_TRAINABLE}")
         if isinstance(example, TextExample):
             out += lm_windows(tokenizer, [(example.source, example.text)], max_length, stats)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from finesmith.config import ROW_TOKENS, TrainConfig
+from finesmith.config import PREFERENCE_OBJECTIVES, ROW_TOKENS, PreferenceSettings, TrainConfig
 from finesmith.data.pack import pack_batch, pad_batch
 from finesmith.data.tokenize import TokenizedExample
 from finesmith.errors import FinesmithError
@@ -51,21 +51,39 @@ class Method:
     layout: str
     mergeable: bool
 
-    def collate(self, row_tokens: int | None = ROW_TOKENS) -> Collate:
-        """The batch layout this method trains and evaluates on."""
+    def collate(self, row_tokens: int | None = ROW_TOKENS, objective: str = "sft",
+                share_prompt: bool = True) -> Collate:
+        """The batch layout this method trains and evaluates on with `objective`."""
+        if objective in PREFERENCE_OBJECTIVES:
+            self.check_objective(objective)
+            from finesmith.data.pairs import pack_groups
+
+            return functools.partial(pack_groups, row_tokens=row_tokens, share_prompt=share_prompt)
         if self.layout == PADDED:
             return pad_batch
         return functools.partial(pack_batch, row_tokens=row_tokens)
 
-    def objective(self, name: str = "sft") -> Objective:
+    def objective(self, name: str = "sft", preference: PreferenceSettings | None = None) -> Objective:
         """The loss over one batch of this layout, returning `(sum, count)`.
 
         `sft` and `cpt` share the token-level cross-entropy: they differ only in which
-        tokens the data marks as trained.
+        tokens the data marks as trained. The preference objectives score token tries
+        (`finesmith.train.preference`).
         """
+        if name in PREFERENCE_OBJECTIVES:
+            self.check_objective(name)
+            from finesmith.train.preference import PreferenceObjective
+
+            return PreferenceObjective(name, preference or PreferenceSettings())
         if name not in ("sft", "cpt"):
             raise FinesmithError(f"objective '{name}' is not available")
         return virtual_sft_loss if self.layout == PADDED else sft_loss
+
+    def check_objective(self, name: str) -> None:
+        """Refuse (one line) an objective this method's batch layout cannot compute."""
+        if name in PREFERENCE_OBJECTIVES and self.layout == PADDED:
+            raise FinesmithError(f"objective {name} scores answers in packed token tries, which {self.name} "
+                                 "(virtual tokens in front of every row) cannot take; use method lora, ia3 or full")
 
     def merge(self, model: Any) -> Any:
         """The model as one plain transformers model (see `finesmith.export.merge.merge_adapter`)."""

@@ -124,7 +124,7 @@ def micro_batches(examples: Sequence[TokenizedExample], settings: LoopSettings) 
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -261,43 +261,60 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     return result
 
 
-def train_step(model: Any, batches: list[dict[str, torch.Tensor]], objective: Objective,
+def train_step(model: Any, batches: list[dict[str, Any]], objective: Objective,
                optimizer: torch.optim.Optimizer, settings: LoopSettings,
                device: torch.device) -> tuple[float, float, int, int]:
     """One optimizer step over `batches`; skipped when the loss or gradient is not finite.
 
     Returns:
-        (mean loss per supervised token, gradient norm before clipping, supervised tokens, real tokens).
+        (mean loss per counted unit, gradient norm before clipping, units counted, real tokens).
+        The counted unit is the objective's: supervised tokens for SFT, pairs (or feedback
+        examples) for the preference objectives.
     """
-    step_tokens = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+    step_count = sum(batch_count(b) for b in batches)
     step_loss = torch.zeros((), device=device)
     for unit in forward_units(batches, device):
         with autocast(device):
             loss_sum, _ = objective(model, to_device(unit, device))
-        (loss_sum / max(1, step_tokens)).backward()
+        (loss_sum / max(1, step_count)).backward()
         step_loss += loss_sum.detach()
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     # One host sync per step: whether to apply the update must be known before applying it.
-    loss, norm = torch.stack([step_loss / max(1, step_tokens), grad_norm.to(step_loss.device)]).tolist()
+    loss, norm = torch.stack([step_loss / max(1, step_count), grad_norm.to(step_loss.device)]).tolist()
     if math.isfinite(loss) and math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    real = sum(int(b["seq_lens"].sum()) for b in batches)
-    return loss, norm, step_tokens, real
+    return loss, norm, step_count, sum(real_tokens(b) for b in batches)
 
 
-def forward_units(batches: list[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+def batch_count(batch: dict[str, Any]) -> int:
+    """What the step's loss is divided by: the batch's `count`, else its supervised tokens."""
+    return int(batch["count"]) if "count" in batch else int((batch["targets"] != IGNORE).sum())
+
+
+def real_tokens(batch: dict[str, Any]) -> int:
+    return int(batch["real_tokens"]) if "real_tokens" in batch else int(batch["seq_lens"].sum())
+
+
+def forward_units(batches: list[dict[str, Any]], device: torch.device) -> list[dict[str, torch.Tensor]]:
     """What each forward/backward pass runs on.
 
-    On CPU the rows of a packed batch run one at a time: matrix products of a few hundred
-    rows already keep the cores busy, so the speed is the same and the activation memory
-    falls by the number of rows (SmolLM2-135M, 16 examples of ~200 tokens: ~5.7 GB of saved
+    A batch that is already a list of units (preference groups) runs unit by unit. On CPU
+    the rows of a packed batch run one at a time: matrix products of a few hundred rows
+    already keep the cores busy, so the speed is the same and the activation memory falls
+    by the number of rows (SmolLM2-135M, 16 examples of ~200 tokens: ~5.7 GB of saved
     activations in one pass, under 1 GB per row). On GPUs one pass over all rows is faster.
     """
-    if device.type == "cuda":
-        return batches
-    return [unit for batch in batches for unit in (split_rows(batch) if "row_lens" in batch else [batch])]
+    out: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        if "units" in batch:
+            out += batch["units"]
+        elif device.type != "cuda" and "row_lens" in batch:
+            out += split_rows(batch)
+        else:
+            out.append(batch)
+    return out
 
 
 def _count_bad_step(state: TrainerState, log: MetricsLog, output: Path, settings: LoopSettings,
@@ -337,7 +354,8 @@ def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSe
     The best weights are saved whenever an eval improves, independently of `save_every`,
     so early stopping can end with them.
     """
-    loss = evaluate_loss(model, eval_set, settings.batch_size, objective, collate)
+    metrics = evaluate_metrics(model, eval_set, settings.batch_size, objective, collate)
+    loss = metrics["loss"]
     state.eval_loss = loss
     if state.best_eval_loss is None or loss < state.best_eval_loss:
         state.best_eval_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
@@ -345,7 +363,8 @@ def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSe
             save_best(output, model, state)
     else:
         state.evals_without_improvement += 1
-    log.write({"step": state.step, "eval_loss": round(loss, 5)})
+    log.write({"step": state.step, "eval_loss": round(loss, 5),
+               **{f"eval_{k}": round(v, 5) for k, v in metrics.items() if k != "loss"}})
     if on_eval:
         on_eval(model, state.step)
     model.train()
@@ -365,13 +384,20 @@ def restore_best(output: Path, model: Any, state: TrainerState, log: MetricsLog)
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: Sequence[TokenizedExample], batch_size: int,
+def evaluate_loss(model: Any, examples: Sequence[Any], batch_size: int,
                   objective: Objective | None = None, collate: Collate | None = None) -> float:
-    """Mean loss per supervised token over `examples`.
+    """Mean loss per counted unit (supervised token, or pair) over `examples`.
 
     Without `objective`/`collate`, the model's method decides (packed rows, or padded rows
     for prompt/prefix tuning), so perplexity and eval loss work for every method.
     """
+    return evaluate_metrics(model, examples, batch_size, objective, collate)["loss"]
+
+
+@torch.no_grad()
+def evaluate_metrics(model: Any, examples: Sequence[Any], batch_size: int,
+                     objective: Objective | None = None, collate: Collate | None = None) -> dict[str, float]:
+    """`{"loss": ...}` plus whatever the objective measures (`objective.measure`, e.g. preference accuracy)."""
     if objective is None or collate is None:
         from finesmith.model.methods import method_of
 
@@ -379,14 +405,20 @@ def evaluate_loss(model: Any, examples: Sequence[TokenizedExample], batch_size: 
         objective, collate = objective or method.objective("sft"), collate or method.collate()
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = to_device(collate(examples[start:start + batch_size]), device)
+    # A generator, so only one micro-batch's masks exist at a time.
+    units = (to_device(u, device) for start in range(0, len(examples), batch_size)
+             for u in forward_units([collate(examples[start:start + batch_size])], device))
+    measure = getattr(objective, "measure", None)
+    if measure is not None:
         with autocast(device):
-            loss_sum, n = objective(model, batch)
+            return measure(model, units)
+    total, count = 0.0, 0
+    for unit in units:
+        with autocast(device):
+            loss_sum, n = objective(model, unit)
         total += float(loss_sum)
         count += int(n)
-    return total / max(1, count)
+    return {"loss": total / max(1, count)}
 
 
 def _progress() -> Progress:
