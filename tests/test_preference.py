@@ -208,3 +208,25 @@ def test_bad_preference_rows_get_one_line_each(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     for line, phrase in ((13, "identical"), (14, "`prompt` must be"), (15, "`rejected` must be"), (16, "`label` must be")):
         assert f"bad.jsonl:{line}:" in out and phrase in out
+
+
+def test_stages_run_sft_then_dpo_in_one_config(tiny_model, tmp_path):
+    import yaml
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"What is {i} plus {i}?", "completion": f"Answer: {2 * i}"}
+                                               for i in range(12)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(12))
+    config = {"model": tiny_model, "output": str(tmp_path / "run"), "method": "lora", "batch_size": 4,
+              "stages": [{"name": "sft", "data": sft, "max_steps": 2},
+                         {"name": "dpo", "objective": "dpo", "data": pairs, "eval_data": pairs, "max_steps": 2}]}
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 0
+    from finesmith.run import load_run
+
+    dpo = load_run(tmp_path / "run" / "dpo").record
+    assert dpo.config["objective"] == "dpo" and dpo.state == "finished"
+    assert dpo.base_model["spec"] == str((tmp_path / "run" / "merged" / "sft").resolve())
+    evals = [json.loads(line) for line in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()
+             if "eval_accuracy" in line]
+    assert evals

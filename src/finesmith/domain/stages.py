@@ -8,7 +8,8 @@ adds the stage-only keys below. Measurements go to `OUTPUT/stages.json`:
 - before and after every `cpt` stage: perplexity on the held-out corpus documents and on the
   shipped general-English sample (forgetting), per token and per word (per-word numbers stay
   comparable when `add_tokens` changes the tokenizer);
-- after every `sft` stage with `eval_data`: task accuracy on it.
+- after every `sft` stage with `eval_data`: task accuracy on it (preference stages log their
+  held-out preference accuracy in their `metrics.jsonl`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finesmith.config import OBJECTIVES as TRAIN_OBJECTIVES
 from finesmith.config import TrainConfig, from_dict, parse_override, read_yaml, set_dotted
 from finesmith.data.tokenize import TokenizedExample, lm_windows
 from finesmith.domain.ingest import Corpus, Document, ingest_corpus
@@ -33,7 +35,7 @@ from finesmith.run import (RunRecord, has_record, load_run, versions, write_expo
                            write_record)
 from finesmith.train.loop import Preempted
 
-OBJECTIVES = ("cpt", "sft")
+OBJECTIVES = ("cpt",) + TRAIN_OBJECTIVES  # cpt here; the rest are the training objectives
 STAGE_ONLY_KEYS = ("name", "objective", "corpus", "replay_ratio", "add_tokens")
 
 
@@ -51,7 +53,7 @@ class StageSettings:
     """The stage-only keys; everything else in a stage is a TrainConfig key."""
 
     name: str
-    objective: str = "sft"  # cpt: language modelling on a corpus; sft: instruction tuning
+    objective: str = "sft"  # cpt: language modelling on a corpus; sft: instruction tuning; dpo, orpo, ...: preferences
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     replay_ratio: float = 0.0  # cpt: share of training words drawn from general English
     add_tokens: list[str] | int | None = None  # cpt: terms to add as tokens, or N to pick the top N
@@ -86,7 +88,7 @@ def parse_stages(raw: dict[str, Any], where: str) -> list[Stage]:
                                  f"got '{settings.objective}'")
         if not 0 <= settings.replay_ratio < 1:
             raise FinesmithError(f"config: `stages[{index}].replay_ratio` must be in [0, 1), got {settings.replay_ratio}")
-        if settings.objective == "sft" and (settings.add_tokens or settings.replay_ratio):
+        if settings.objective != "cpt" and (settings.add_tokens or settings.replay_ratio):
             raise FinesmithError(f"config: `stages[{index}]`: add_tokens and replay_ratio apply to cpt stages only")
         merged = _merge(raw, {k: v for k, v in item.items() if k not in STAGE_ONLY_KEYS})
         stages.append(Stage(settings, merged))
@@ -334,6 +336,8 @@ def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool, extend
     folder = output / settings.name
     prepared = output / "prepared" / settings.name
     raw.update(model=model_spec, output=str(folder))
+    if settings.objective != "cpt":
+        raw["objective"] = settings.objective
     entry: dict[str, Any] = {"name": settings.name, "objective": settings.objective, "base_model": model_spec,
                              "output": str(folder)}
     probe = from_dict(TrainConfig, raw, where="config")  # unknown keys fail before any work
@@ -362,7 +366,7 @@ def run_stage(stage: Stage, model_spec: str, output: Path, is_last: bool, extend
     if settings.objective == "cpt":
         entry["after"] = measure_forgetting(str(folder), domain_eval, general_eval, config.max_length)
         console.print(_ppl_line("after", entry["after"]))
-    elif config.eval_data:
+    elif config.eval_data and config.objective in ("sft",):
         result = evaluate(str(folder), config.eval_data)
         entry["task"] = {"accuracy": result.accuracy, "n": result.n, "task": result.task, "metrics": result.metrics}
         console.print(f"task accuracy {result.accuracy:.3f} on {result.n} held-out examples")
