@@ -27,7 +27,11 @@ def print_check_report(console: Console, report: CheckReport) -> None:
     table.add_row("tokens", f"{report.tokens:,} (with the chat template)")
     lengths = report.length_summary()
     if lengths:
-        table.add_row("tokens per example", " · ".join(f"{k} {v:,}" for k, v in lengths.items()))
+        label = "tokens per example" + (" (prompt + chosen)" if report.rejected_lengths else "")
+        table.add_row(label, " · ".join(f"{k} {v:,}" for k, v in lengths.items()))
+    if report.rejected_lengths:
+        table.add_row("tokens (prompt + rejected)",
+                      " · ".join(f"{k} {v:,}" for k, v in report.length_summary("rejected").items()))
     table.add_row(f"over max_length {report.max_length}", f"{report.over_length:,} (truncation: {report.truncation})")
     table.add_row("exact duplicates", f"{report.duplicates:,}")
     table.add_row("in eval data too", f"{report.overlap:,}")
@@ -43,7 +47,8 @@ def print_check_report(console: Console, report: CheckReport) -> None:
     console.print(f"{verdict} · {len(report.warnings)} warnings")
 
 
-KIND_NAMES = {"Example": "conversations", "TextExample": "text documents", "PreferenceExample": "preference pairs"}
+KIND_NAMES = {"Example": "conversations", "TextExample": "text documents", "PreferenceExample": "preference pairs",
+              "FeedbackExample": "feedback rows"}
 
 
 def masked_text(tokenizer: Any, example: AnyExample) -> Text:
@@ -52,7 +57,8 @@ def masked_text(tokenizer: Any, example: AnyExample) -> Text:
         ids, mask = text_tokens(tokenizer, example.text)
     else:
         messages = (list(example.messages) if isinstance(example, Example) else
-                    list(example.prompt) + [{"role": "assistant", "content": example.chosen}])
+                    list(example.prompt) + [{"role": "assistant", "content": getattr(
+                        example, "chosen", getattr(example, "completion", ""))}])
         ids, mask = tokens_and_mask(tokenizer, messages, example.tools if isinstance(example, Example) else None)
     text = Text()
     for token, trained in zip(ids, mask):

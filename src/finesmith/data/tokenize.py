@@ -281,8 +281,9 @@ def rendered_lengths(tokenizer: Any, examples: list[AnyExample]) -> list[int]:
             texts.append(example.text)
             extra.append((bos is not None) + (tokenizer.eos_token_id is not None))
             continue
+        answer = example.completion if isinstance(example, FeedbackExample) else getattr(example, "chosen", "")
         messages = list(example.messages) if isinstance(example, Example) else (
-            list(example.prompt) + [{"role": "assistant", "content": example.chosen}])
+            list(example.prompt) + [{"role": "assistant", "content": answer}])
         tools = example.tools if isinstance(example, Example) else None
         if isinstance(example, Example) and uses_tools(example):
             require_tool_support(tokenizer, example.source)

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from finesmith.data.documents import html_to_text, pdf_to_text
-from finesmith.data.formats import AnyExample, Example, PreferenceExample, TextExample, parse_records
+from finesmith.data.formats import AnyExample, Example, FeedbackExample, PreferenceExample, TextExample, parse_records
 from finesmith.data.load import Record, data_kind
 from finesmith.data.pii import KINDS, Finding, scan_text
-from finesmith.data.tokenize import rendered_lengths
+from finesmith.data.tokenize import rendered_lengths, tokens_and_mask
 from finesmith.data.tokenize import template_renders_tools, uses_tools
 from finesmith.data.tools import calls_as_text
 from finesmith.errors import FinesmithError
@@ -46,6 +46,7 @@ class CheckReport:
     kinds: Counter = field(default_factory=Counter)
     turns: int = 0
     lengths: array = field(default_factory=lambda: array("I"))
+    rejected_lengths: array = field(default_factory=lambda: array("I"))  # preference pairs' rejected side
     duplicates: int = 0
     overlap: int = 0
 
@@ -65,17 +66,22 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.errors
 
-    def length_summary(self) -> dict[str, int]:
-        """min, p50, p95 and max of the example lengths in tokens (empty when no examples)."""
-        if not self.lengths:
+    def length_summary(self, side: str = "chosen") -> dict[str, int]:
+        """min, p50, p95 and max of the example lengths in tokens (empty when no examples).
+
+        For preference pairs `lengths` are prompt + chosen; `side="rejected"` summarises the other side.
+        """
+        lengths = self.rejected_lengths if side == "rejected" else self.lengths
+        if not lengths:
             return {}
-        values = np.frombuffer(self.lengths, dtype=np.uint32)
+        values = np.frombuffer(lengths, dtype=np.uint32)
         return {"min": int(values.min()), "p50": int(np.percentile(values, 50)),
                 "p95": int(np.percentile(values, 95)), "max": int(values.max())}
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "ok": self.ok, "examples": self.examples, "kinds": dict(self.kinds),
                 "turns": self.turns, "tokens": self.tokens, "lengths": self.length_summary(),
+                "rejected_lengths": self.length_summary("rejected"),
                 "over_length": self.over_length, "max_length": self.max_length, "duplicates": self.duplicates,
                 "overlap": self.overlap, "errors": self.errors, "warnings": self.warnings}
 
@@ -120,6 +126,8 @@ def fingerprint(example: AnyExample) -> int:
         content.append(example.tools)
     elif isinstance(example, TextExample):
         content = example.text
+    elif isinstance(example, FeedbackExample):
+        content = [[[m["role"], m["content"]] for m in example.prompt], example.completion, example.desirable]
     else:
         content = [[[m["role"], m["content"]] for m in example.prompt], example.chosen, example.rejected]
     digest = hashlib.blake2b(json.dumps(content, ensure_ascii=False).encode("utf-8"), digest_size=8).digest()
@@ -157,9 +165,9 @@ def check_data(path: str, tokenizer: Any, max_length: int, fmt: str = "auto", fi
             continue
         batch.append(example)
         if len(batch) == BATCH:
-            report.lengths.extend(rendered_lengths(tokenizer, batch))
+            _measure(report, tokenizer, batch)
             batch = []
-    report.lengths.extend(rendered_lengths(tokenizer, batch))
+    _measure(report, tokenizer, batch)
     if unrendered:
         report.errors.append(f"{unrendered[0]}: {len(unrendered)} examples use tools (first here), but the model's "
                              "chat template does not render tools, calls and results; check with --tool-format "
@@ -190,7 +198,7 @@ def _scan(path: str, fmt: str, fields: dict[str, str] | None, report: CheckRepor
 def _turns(example: AnyExample) -> int:
     if isinstance(example, Example):
         return len(example.messages)
-    if isinstance(example, PreferenceExample):
+    if isinstance(example, (PreferenceExample, FeedbackExample)):
         return len(example.prompt) + 1
     return 1
 
@@ -213,6 +221,29 @@ def _report_duplicates(report: CheckReport, seen: _Fingerprints, held_out: dict[
                                f"{held_out[int(digests[index])]}; eval scores would be inflated")
 
 
+def _measure(report: CheckReport, tokenizer: Any, batch: list[AnyExample]) -> None:
+    """Token lengths of a batch; for preference pairs also the rejected side, and whether the
+    prompt tokenizes the same before both answers."""
+    report.lengths.extend(rendered_lengths(tokenizer, batch))
+    pairs = [ex for ex in batch if isinstance(ex, PreferenceExample)]
+    if not pairs:
+        return
+    rejected = [PreferenceExample(ex.prompt, ex.rejected, ex.chosen, ex.source) for ex in pairs]
+    report.rejected_lengths.extend(rendered_lengths(tokenizer, rejected))
+    for example in pairs:
+        try:
+            sides = [tokens_and_mask(tokenizer, list(example.prompt) + [{"role": "assistant", "content": answer}])
+                     for answer in (example.chosen, example.rejected)]
+        except FinesmithError as exc:
+            report.errors.append(f"{example.source}: {exc}")
+            continue
+        prompts = [ids[:mask.index(True)] if True in mask else ids for ids, mask in sides]
+        if prompts[0] != prompts[1]:
+            report.warnings.append(f"{example.source}: the prompt tokenizes differently before the chosen and the "
+                                   "rejected answer (the template or tokenizer joins text across the boundary); "
+                                   "each side is still scored exactly, but the prompt is not shared")
+
+
 def _report_size(report: CheckReport) -> None:
     n = report.examples
     if n < MIN_EXAMPLES:
@@ -226,9 +257,9 @@ def _report_size(report: CheckReport) -> None:
                   else "they are dropped (truncation: drop)")
         report.warnings.append(f"{report.path}: {over} examples are longer than max_length {report.max_length}; "
                                f"{policy}; plain text is split into windows instead")
-    if report.kinds.get("PreferenceExample"):
-        report.warnings.append(f"{report.path}: holds preference pairs; they validate, but `finesmith train` "
-                               "cannot train them yet")
+    if report.kinds.get("PreferenceExample") or report.kinds.get("FeedbackExample"):
+        report.warnings.append(f"{report.path}: holds preference pairs or feedback rows; train them with "
+                               "objective: dpo (ipo, orpo, simpo; kto for feedback rows), not sft")
 
 
 def load_checked(path: str, fmt: str = "auto", fields: dict[str, str] | None = None, *, skip_invalid: bool = False,
@@ -344,6 +375,8 @@ def _trained_texts(example: AnyExample) -> Iterator[str]:
             yield calls_as_text(message["tool_calls"])
     if isinstance(example, PreferenceExample):
         yield from (example.chosen, example.rejected)
+    if isinstance(example, FeedbackExample):
+        yield example.completion
 
 
 def _document_text(path: str) -> str:
