@@ -59,7 +59,7 @@ def time_steps(model: torch.nn.Module, groups: list, share: bool, steps: int) ->
         total.backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-        losses.append(float(total))
+        losses.append(float(total.detach()))
     return {"share_prompt": share, "tokens_computed": int(batch["real_tokens"]), "step_seconds": times,
             "median_step_seconds": float(np.median(times)), "loss": losses[-1]}
 
