@@ -101,7 +101,7 @@ def few_shot_messages(query: Example, shots: Sequence[Example], shot_format: str
     """
     prompt = query.prompt_messages
     system = [m for m in prompt[:1] if m["role"] == "system"]
-    rest = [{"role": m["role"], "content": m["content"]} for m in prompt[len(system):]]
+    rest = [without_weight(m) for m in prompt[len(system):]]
     if not shots:
         return system + rest
     if shot_format == "inline":
@@ -112,15 +112,22 @@ def few_shot_messages(query: Example, shots: Sequence[Example], shot_format: str
         raise FinesmithError(f"unknown shot format {shot_format!r}; use one of {', '.join(SHOT_FORMATS)}")
     turns: list[dict[str, Any]] = []
     for shot in shots:
-        turns.extend({"role": m["role"], "content": m["content"]} for m in shot.messages if m["role"] != "system")
+        turns.extend(without_weight(m) for m in shot.messages if m["role"] != "system")
     return system + turns + rest
 
 
+def without_weight(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as a prompt shows it: every field (tool calls, call ids) but the training weight."""
+    return {key: value for key, value in message.items() if key != "weight"}
+
+
 def budgeted_prompt(tokenizer: Any, query: Example, shots: Sequence[Example], shot_format: str,
-                    max_prompt_tokens: int | None) -> tuple[list[dict[str, Any]], int]:
+                    max_prompt_tokens: int | None, tools: Sequence[dict[str, Any]] | None = None
+                    ) -> tuple[list[dict[str, Any]], int]:
     """The few-shot prompt, dropping shots (farthest from the query first) to fit the budget.
 
     The query is never shortened: if it alone exceeds the budget it is kept whole with no shots.
+    `tools` (the query's function schemas) count towards the budget as the prompt renders them.
 
     Returns:
         (messages, number of shots kept).
@@ -129,7 +136,7 @@ def budgeted_prompt(tokenizer: Any, query: Example, shots: Sequence[Example], sh
     messages = few_shot_messages(query, kept, shot_format)
     if max_prompt_tokens is None:
         return messages, len(kept)
-    while kept and len(prompt_ids(tokenizer, messages)) > max_prompt_tokens:
+    while kept and len(prompt_ids(tokenizer, messages, tools)) > max_prompt_tokens:
         kept = kept[1:]
         messages = few_shot_messages(query, kept, shot_format)
     return messages, len(kept)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,14 +22,18 @@ def eval_progress() -> Progress:
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
-             max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+             max_new_tokens: int = 32, batch_size: int = 16,
+             tools: Sequence[Sequence[dict[str, Any]] | None] | None = None) -> list[str]:
     """Greedy answers for each conversation (rendered with the generation prompt).
 
-    Prompts are sorted by length so each batch pads little; padding goes on the left and
-    is masked by the attention mask (pad may equal EOS, so never mask by id).
+    `tools`, when given, holds each conversation's function schemas (or None), rendered into
+    its prompt by the chat template. Prompts are sorted by length so each batch pads little;
+    padding goes on the left and is masked by the attention mask (pad may equal EOS, so
+    never mask by id).
     """
     model.eval()
-    encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
+    tools = tools if tools is not None else [None] * len(conversations)
+    encoded = [prompt_ids(tokenizer, conv, conv_tools) for conv, conv_tools in zip(conversations, tools, strict=True)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     stops = stop_token_ids(tokenizer)

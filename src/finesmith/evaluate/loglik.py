@@ -38,12 +38,13 @@ class TokenTrie:
 
 def answer_only(messages: Sequence[dict[str, Any]], answer: str) -> list[dict[str, Any]]:
     """The prompt (earlier assistant turns not trained) followed by `answer` as the trained turn."""
-    prompt = [{"role": m["role"], "content": m["content"], **({"weight": 0} if m["role"] == "assistant" else {})}
+    prompt = [{**{k: v for k, v in m.items() if k != "weight"}, **({"weight": 0} if m["role"] == "assistant" else {})}
               for m in messages]
     return prompt + [{"role": "assistant", "content": answer}]
 
 
-def build_trie(tokenizer: Any, messages: Sequence[dict[str, Any]], candidates: Sequence[str]) -> TokenTrie:
+def build_trie(tokenizer: Any, messages: Sequence[dict[str, Any]], candidates: Sequence[str],
+               tools: Sequence[dict[str, Any]] | None = None) -> TokenTrie:
     """Tokenize prompt + each candidate and merge the token sequences into one trie.
 
     Each candidate is rendered and tokenized whole (as training would), so a template or
@@ -53,7 +54,8 @@ def build_trie(tokenizer: Any, messages: Sequence[dict[str, Any]], candidates: S
     """
     trie = TokenTrie([], [], [], [])
     children: dict[tuple[int, int, bool], int] = {}
-    for c, (ids, mask) in enumerate(tokens_and_mask(tokenizer, answer_only(messages, cand)) for cand in candidates):
+    for c, (ids, mask) in enumerate(tokens_and_mask(tokenizer, answer_only(messages, cand), tools)
+                                    for cand in candidates):
         node = -1
         for j, (token, trained) in enumerate(zip(ids, mask)):
             if trained:
@@ -107,7 +109,8 @@ def score_tries(model: Any, tries: Sequence[TokenTrie], n_candidates: int) -> li
 
 
 def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, Any]]],
-                   candidates: Sequence[str], max_row_tokens: int = 1024) -> list[list[float]]:
+                   candidates: Sequence[str], max_row_tokens: int = 1024,
+                   tools: Sequence[Sequence[dict[str, Any]] | None] | None = None) -> list[list[float]]:
     """Log-probability of every candidate answer after every prompt.
 
     Args:
@@ -115,6 +118,7 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[s
         prompts: conversations up to (not including) the answer.
         candidates: the label set, as answer texts.
         max_row_tokens: tries are packed into one row until it would exceed this many tokens.
+        tools: each prompt's function schemas (or None), rendered by the chat template.
 
     Returns:
         `scores[i][c]`: summed log-probability of candidate `c`'s answer tokens (end-of-turn
@@ -123,14 +127,15 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[s
     from finesmith.model.methods import PADDED, method_of
 
     model.eval()
+    tools = tools if tools is not None else [None] * len(prompts)
     if method_of(model).layout == PADDED:
-        return padded_label_logprobs(model, tokenizer, prompts, candidates)
+        return padded_label_logprobs(model, tokenizer, prompts, candidates, tools=tools)
     scores: list[list[float]] = []
     with eval_progress() as progress:
         task = progress.add_task("label log-likelihood", total=len(prompts))
         pending: list[TokenTrie] = []
-        for messages in prompts:
-            trie = build_trie(tokenizer, messages, candidates)
+        for messages, prompt_tools in zip(prompts, tools, strict=True):
+            trie = build_trie(tokenizer, messages, candidates, prompt_tools)
             if pending and sum(len(t.ids) for t in pending) + len(trie.ids) > max_row_tokens:
                 scores.extend(score_tries(model, pending, len(candidates)))
                 progress.advance(task, len(pending))
@@ -144,7 +149,8 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[s
 
 @torch.no_grad()
 def padded_label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, Any]]],
-                          candidates: Sequence[str], batch_size: int = 16) -> list[list[float]]:
+                          candidates: Sequence[str], batch_size: int = 16,
+                          tools: Sequence[Sequence[dict[str, Any]] | None] | None = None) -> list[list[float]]:
     """Label log-likelihood for methods that put virtual tokens in front of every row.
 
     Prompt and prefix tuning cannot take a token trie (a 4-D mask over one position stream),
@@ -156,8 +162,9 @@ def padded_label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence
     from finesmith.train.objectives import virtual_sequence_logprobs
 
     device = next(model.parameters()).device
-    rows = [TokenizedExample(*map(tuple, tokens_and_mask(tokenizer, answer_only(messages, cand))), "")
-            for messages in prompts for cand in candidates]
+    tools = tools if tools is not None else [None] * len(prompts)
+    rows = [TokenizedExample(*map(tuple, tokens_and_mask(tokenizer, answer_only(messages, cand), prompt_tools)), "")
+            for messages, prompt_tools in zip(prompts, tools, strict=True) for cand in candidates]
     flat: list[float] = []
     with eval_progress() as progress:
         task = progress.add_task("label log-likelihood", total=len(rows))

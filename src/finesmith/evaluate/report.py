@@ -2,8 +2,9 @@
 
 The report compares several approaches evaluated on the same held-out file (e.g. the base
 model zero-shot and k-shot, and fine-tuned runs): a results table, per-class metrics,
-training/eval loss curves read from each run's `metrics.jsonl`, and sample answers side by
-side. The HTML embeds its images as base64 PNG so it can be mailed or archived as one file.
+tool-call metrics (when the references call tools), training/eval loss curves read from
+each run's `metrics.jsonl`, and sample answers side by side. The HTML embeds its images
+as base64 PNG so it can be mailed or archived as one file.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from finesmith.evaluate.tasks import EvalResult
+from finesmith.evaluate.toolcalls import format_calls
 
 SCORING_NAMES = {"generate": "generated", "loglik": "label log-lik."}
+TOOL_CALL_COLUMNS = (("name_accuracy", "tool name acc."), ("arguments_parse_rate", "tool args parse"),
+                     ("exact_match", "tool exact match"), ("argument_accuracy", "tool argument acc."))
 
 
 def headline_metrics(result: EvalResult) -> dict[str, str]:
@@ -29,6 +33,8 @@ def headline_metrics(result: EvalResult) -> dict[str, str]:
     if result.task == "perplexity":
         ppl = result.metrics["perplexity"]
         return {"perplexity": f"{ppl['perplexity']:.3f}", "tokens": f"{ppl['tokens']:,}"}
+    if result.task == "tool_call":
+        return tool_call_headline(result)
     if result.task == "generation":
         m = result.metrics["generate"]
         return {"exact match": f"{m['exact_match']:.1%}", "token F1": f"{m['token_f1']:.3f}",
@@ -38,6 +44,30 @@ def headline_metrics(result: EvalResult) -> dict[str, str]:
         row[f"accuracy ({SCORING_NAMES[scoring]})"] = f"{m['accuracy']:.1%}"
         row[f"macro-F1 ({SCORING_NAMES[scoring]})"] = f"{m['macro_f1']:.3f}"
     return row
+
+
+def tool_call_headline(result: EvalResult) -> dict[str, str]:
+    """Tool-call columns, plus exact match and token F1 of the text references when there are any."""
+    calls = result.metrics["tool_calls"]
+    row = {column: _share(calls[key]) for key, column in TOOL_CALL_COLUMNS}
+    text = result.metrics.get("generate")
+    if text:
+        row["exact match (text)"] = f"{text['exact_match']:.1%}"
+        row["token F1 (text)"] = f"{text['token_f1']:.3f}"
+    return row
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def tool_call_rows(entries: Sequence[tuple[str, EvalResult]]) -> tuple[list[str], list[list[str]]]:
+    """One row per approach with every tool-call metric (approaches without tool calls left out)."""
+    header = ["approach", "calls scored", "answers with a call"] + [column for _, column in TOOL_CALL_COLUMNS]
+    rows = [[name, str(r.metrics["tool_calls"]["n"]), _share(r.metrics["tool_calls"]["call_rate"])] +
+            [_share(r.metrics["tool_calls"][key]) for key, _ in TOOL_CALL_COLUMNS]
+            for name, r in entries if "tool_calls" in r.metrics]
+    return header, rows
 
 
 def results_rows(entries: Sequence[tuple[str, EvalResult]]) -> tuple[list[str], list[list[str]]]:
@@ -162,9 +192,12 @@ def sample_rows(entries: Sequence[tuple[str, EvalResult]], n: int = 8) -> tuple[
         for _, result in entries:
             p = result.predictions[i] if i < len(result.predictions) else {}
             answer = p.get("prediction", p.get("loglik_prediction", ""))
+            width = 60
+            if "reference_tool_calls" in p and p.get("predicted_tool_calls"):
+                answer, width = format_calls(p["predicted_tool_calls"]), 100  # the call, not its wrapping
             correct = p.get("correct", p.get("loglik_correct"))
             mark = "" if correct is None else (" ✓" if correct else " ✗")
-            row.append(_clip(answer, 60) + mark)
+            row.append(_clip(answer, width) + mark)
         rows.append(row)
     return header, rows
 
@@ -197,6 +230,8 @@ def write_report(entries: Sequence[tuple[str, EvalResult]], runs: Sequence[tuple
     for name, result in entries:
         if result.task == "classification":
             sections.append((f"Per-class metrics · {name}", *per_class_rows(result)))
+    if any("tool_calls" in r.metrics for _, r in entries):
+        sections.append(("Tool calls", *tool_call_rows(entries)))
     if any(r.predictions for _, r in entries):
         sections.append(("Sample outputs", *sample_rows(entries)))
     markdown, page = output / "report.md", output / "report.html"

@@ -5,12 +5,19 @@
   probable; robust for small models that drift from the answer format).
 - generation: free-form answers; exact match, token F1, ROUGE-L, chrF.
 - perplexity: raw text (`{"text": ...}` rows) or the answers of a chat file.
+- tool_call: references that call tools (the final assistant turn has `tool_calls`).
+  Prompts carry each example's `tools`; the calls are parsed out of the greedy answer in
+  any common text format and scored on names, arguments and exact match (see
+  `finesmith.evaluate.toolcalls`). Text references in the same file get the generation
+  metrics. Few-shot prompts are refused: each shot would need its own tool list.
 
-`infer_task` picks one from the data when the user does not say.
+`infer_task` picks one from the data when the user does not say (`tool_call` as soon as
+one reference calls a tool).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -18,24 +25,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from finesmith.config import TOOL_FORMATS
 from finesmith.data.formats import AnyExample, Example, TextExample
-from finesmith.data.tokenize import TokenizedExample, lm_windows, tokens_and_mask
+from finesmith.data.tokenize import TokenizedExample, lm_windows, require_tool_support, tokens_and_mask, uses_tools
+from finesmith.data.tool_templates import install_tool_format
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.fewshot import SHOT_FORMATS, STRATEGIES, ShotSelector, budgeted_prompt
 from finesmith.evaluate.generate import generate
 from finesmith.evaluate.loglik import label_logprobs
 from finesmith.evaluate.metrics import classification_metrics, generation_metrics, normalise_answer
+from finesmith.evaluate.toolcalls import (calls_json_length, format_calls, parse_tool_calls, score_calls,
+                                          tool_call_metrics)
 
-TASKS = ("classification", "generation", "perplexity")
+TASKS = ("classification", "generation", "perplexity", "tool_call")
 SCORINGS = ("generate", "loglik", "both")
 MAX_LABELS = 50
 
 
 @dataclass
 class EvalOptions:
-    """How to evaluate. Every field but `max_length` is a flag of `finesmith eval`."""
+    """How to evaluate. Every field but `max_length` and `tool_format` is a flag of `finesmith eval`."""
 
-    task: str = "auto"  # auto | classification | generation | perplexity
+    task: str = "auto"  # auto | classification | generation | perplexity | tool_call
     shots: int = 0  # k training examples shown before each query
     shot_strategy: str = "random"  # random | balanced | similar
     shot_format: str = "chat"  # chat (earlier turns) | inline (one user message)
@@ -45,12 +56,17 @@ class EvalOptions:
     max_new_tokens: int = 32
     batch_size: int = 16
     max_length: int = 2048  # perplexity: tokens per example
+    # Data with tools: `hermes` renders them as text when the model's template cannot (as
+    # training's `tool_format: hermes` does, so a base model sees its fine-tune's format);
+    # `template` needs a template that renders tools.
+    tool_format: str = "hermes"
 
     def validate(self) -> "EvalOptions":
         """Check choices and ranges; return self for chaining."""
         for name, value, allowed in (("task", self.task, ("auto",) + TASKS), ("scoring", self.scoring, SCORINGS),
                                      ("shot strategy", self.shot_strategy, STRATEGIES),
-                                     ("shot format", self.shot_format, SHOT_FORMATS)):
+                                     ("shot format", self.shot_format, SHOT_FORMATS),
+                                     ("tool format", self.tool_format, TOOL_FORMATS)):
             if value not in allowed:
                 raise FinesmithError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
         if self.shots < 0:
@@ -103,7 +119,7 @@ def build_prompts(tokenizer: Any, examples: Sequence[Example], pool: Sequence[Ex
     """Each example's prompt with its shots, and how many shots survived the token budget."""
     selector = ShotSelector(pool, options.shot_strategy, options.seed)
     built = [budgeted_prompt(tokenizer, ex, selector.select(ex, options.shots), options.shot_format,
-                             options.max_prompt_tokens) for ex in examples]
+                             options.max_prompt_tokens, ex.tools) for ex in examples]
     return [messages for messages, _ in built], [kept for _, kept in built]
 
 
@@ -158,34 +174,63 @@ def evaluate_texts(model: Any, tokenizer: Any, examples: Sequence[AnyExample], o
 
 def evaluate_conversations(model: Any, tokenizer: Any, examples: Sequence[Example], pool: Sequence[Example],
                            options: EvalOptions) -> EvalResult:
-    """Classification, generation or answer perplexity of conversations."""
+    """Classification, generation, tool calls or answer perplexity of conversations."""
     references = [ex.answer for ex in examples]
-    task = infer_task(references) if options.task == "auto" else options.task
+    calling = [ex for ex in examples if ex.answer_tool_calls]
+    task = options.task if options.task != "auto" else "tool_call" if calling else infer_task(references)
+    check_task_fits(task, examples, calling, options)
+    prepare_tool_rendering(tokenizer, examples, options.tool_format)
     if task == "perplexity":
-        tokenized = [TokenizedExample(*map(tuple, tokens_and_mask(tokenizer, list(ex.messages))), ex.source)
+        tokenized = [TokenizedExample(*map(tuple, tokens_and_mask(tokenizer, list(ex.messages), ex.tools)), ex.source)
                      for ex in examples]
         return perplexity_result(model, tokenized, options)
     prompts, kept = build_prompts(tokenizer, examples, pool, options)
     records = [{"source": ex.source, "prompt": ex.prompt_messages[-1]["content"] if ex.prompt_messages else "",
                 "reference": ex.answer, "shots": k} for ex, k in zip(examples, kept)]
+    tools = [ex.tools for ex in examples]  # each prompt is rendered with its example's function schemas
+    if task == "tool_call":
+        return tool_calls(model, tokenizer, examples, prompts, records, options)
     if task == "classification":
-        return classify(model, tokenizer, prompts, references, records, options)
-    return open_generation(model, tokenizer, prompts, references, records, options)
+        return classify(model, tokenizer, prompts, references, records, options, tools)
+    return open_generation(model, tokenizer, prompts, references, records, options, tools)
+
+
+def prepare_tool_rendering(tokenizer: Any, examples: Sequence[Example], tool_format: str) -> None:
+    """When any example uses tools, make the tokenizer render them the way training does
+    (`tool_format`, see `finesmith.data.tool_templates`), or refuse in one line."""
+    with_tools = next((ex for ex in examples if uses_tools(ex)), None)
+    if with_tools is not None:
+        install_tool_format(tokenizer, tool_format)
+        require_tool_support(tokenizer, with_tools.source)
+
+
+def check_task_fits(task: str, examples: Sequence[Example], calling: Sequence[Example], options: EvalOptions) -> None:
+    """Refuse a task the references cannot be scored on (one line, with the fix)."""
+    if task == "tool_call" and not calling:
+        raise FinesmithError(f"--task tool_call: none of the {len(examples)} references calls a tool (the final "
+                             "assistant turns have no `tool_calls`); use another task")
+    if task == "tool_call" and options.shots:
+        raise FinesmithError("--shots is not supported for tool calls (every shot would need its own tools); "
+                             "evaluate tool calls zero-shot")
+    if task in ("classification", "generation") and calling:
+        raise FinesmithError(f"{calling[0].source}: {len(calling)} references are tool calls, which {task} cannot "
+                             "score; use --task tool_call (or auto)")
 
 
 def classify(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], references: Sequence[str],
-             records: list[dict[str, Any]], options: EvalOptions) -> EvalResult:
+             records: list[dict[str, Any]], options: EvalOptions,
+             tools: Sequence[Any] | None = None) -> EvalResult:
     """Classification metrics from greedy answers and/or label log-likelihood."""
     labels, surface = label_set(references)
     gold = [normalise_answer(r) for r in references]
     metrics: dict[str, Any] = {}
     if options.scoring in ("generate", "both"):
-        answers = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
+        answers = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size, tools)
         metrics["generate"] = classification_metrics(gold, [normalise_answer(a) for a in answers], labels)
         for record, answer, ref in zip(records, answers, gold):
             record.update(prediction=answer, correct=normalise_answer(answer) == ref)
     if options.scoring in ("loglik", "both"):
-        scores = label_logprobs(model, tokenizer, prompts, surface)
+        scores = label_logprobs(model, tokenizer, prompts, surface, tools=tools)
         chosen = [max(range(len(labels)), key=row.__getitem__) for row in scores]
         metrics["loglik"] = classification_metrics(gold, [labels[c] for c in chosen], labels)
         for record, c, row, ref in zip(records, chosen, scores, gold):
@@ -196,13 +241,58 @@ def classify(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], re
 
 
 def open_generation(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], references: Sequence[str],
-                    records: list[dict[str, Any]], options: EvalOptions) -> EvalResult:
+                    records: list[dict[str, Any]], options: EvalOptions,
+                    tools: Sequence[Any] | None = None) -> EvalResult:
     """Exact match, token F1, ROUGE-L and chrF of greedy answers."""
-    answers = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
+    answers = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size, tools)
     for record, answer, ref in zip(records, answers, references):
         record.update(prediction=answer, correct=normalise_answer(answer) == normalise_answer(ref))
     metrics = {"generate": generation_metrics(references, answers)}
     return EvalResult("generation", len(records), options.shots, metrics["generate"]["exact_match"], metrics, [], records)
+
+
+def tool_calls(model: Any, tokenizer: Any, examples: Sequence[Example], prompts: list[list[dict[str, Any]]],
+               records: list[dict[str, Any]], options: EvalOptions) -> EvalResult:
+    """Tool calls parsed from greedy answers and scored against the reference calls.
+
+    References that call tools give `metrics["tool_calls"]`; text references in the same
+    file give `metrics["generate"]` (plus how often the model called a tool there instead).
+    The headline accuracy is the share of all examples answered exactly (calls: names and
+    arguments equal; text: normalised exact match). The generation budget is raised to fit
+    the longest reference call, since a call cut short can never match.
+    """
+    reference = [ex.answer_tool_calls for ex in examples]
+    budget = tool_call_budget(tokenizer, reference, options.max_new_tokens)
+    answers = generate(model, tokenizer, prompts, budget, options.batch_size, tools=[ex.tools for ex in examples])
+    scores, called, text_refs, text_answers = [], [], [], []
+    for record, answer, calls, ex in zip(records, answers, reference, examples):
+        parsed = parse_tool_calls(answer)
+        record.update(prediction=answer, predicted_tool_calls=parsed)
+        if calls:
+            score = score_calls(calls, parsed)
+            scores.append(score)
+            called.append(bool(parsed))
+            record.update(reference=format_calls(calls), reference_tool_calls=calls, correct=score["arguments_exact"],
+                          **{k: v for k, v in score.items() if k != "arguments_exact"})
+        else:
+            text_refs.append(ex.answer)
+            text_answers.append(answer)
+            record.update(correct=normalise_answer(answer) == normalise_answer(ex.answer))
+    metrics: dict[str, Any] = {"tool_calls": {**tool_call_metrics(scores, called), "max_new_tokens": budget}}
+    if text_refs:
+        metrics["generate"] = {"n": len(text_refs), **generation_metrics(text_refs, text_answers),
+                               "tool_call_rate": sum(bool(parse_tool_calls(a)) for a in text_answers) / len(text_refs)}
+    accuracy = sum(bool(r["correct"]) for r in records) / max(1, len(records))
+    return EvalResult("tool_call", len(records), 0, accuracy, metrics, [], records)
+
+
+def tool_call_budget(tokenizer: Any, reference: Sequence[list[dict[str, Any]]], max_new_tokens: int) -> int:
+    """`max_new_tokens`, raised to the longest reference call's JSON in tokens plus room for tags."""
+    longest = max(reference, key=calls_json_length)
+    if not longest:
+        return max_new_tokens
+    ids = tokenizer(json.dumps(longest, ensure_ascii=False), add_special_tokens=False)["input_ids"]
+    return max(max_new_tokens, len(ids) + 16 * len(longest))
 
 
 def perplexity_result(model: Any, tokenized: Sequence[TokenizedExample], options: EvalOptions) -> EvalResult:
