@@ -230,3 +230,18 @@ def test_stages_run_sft_then_dpo_in_one_config(tiny_model, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()
              if "eval_accuracy" in line]
     assert evals
+
+
+def test_eval_and_compare_report_preference_accuracy_before_and_after(tiny_model, tmp_path):
+    train = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
+    held = write_jsonl(tmp_path / "held.jsonl", pair_rows(20)[16:])
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_model, "--data", train, "--output", str(out), "--max-steps", "3",
+                 "--batch-size", "4", "--lr", "1e-2", "objective=dpo"]) == 0
+    assert main(["eval", "--model", str(out), "--data", held, "--output", str(tmp_path / "after.json")]) == 0
+    after = json.loads((tmp_path / "after.json").read_text())
+    assert after["task"] == "preference" and after["n"] == 4
+    assert {"accuracy", "mean_logp_margin", "reward_accuracy", "mean_reward_margin"} <= set(after["metrics"]["preference"])
+    assert main(["compare", "--base", tiny_model, "--data", held, "--output", str(tmp_path / "cmp"), str(out)]) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "preference accuracy" in report and "reward accuracy" in report

@@ -20,7 +20,7 @@ from finesmith.core.console import console
 from finesmith.core.device import pick_device
 from finesmith.core.templates import stop_token_ids
 from finesmith.data.cache import data_cache_key, load_tokenized, save_tokenized
-from finesmith.data.formats import load_examples
+from finesmith.data.formats import PreferenceExample, load_examples
 from finesmith.data.pack import pack_bins, packing_efficiency
 from finesmith.data.pairs import tokenize_groups
 from finesmith.data.tokenize import TokenizedExample, tokenize_examples
@@ -382,4 +382,17 @@ def evaluate(model: str, data: str, adapter: str | None = None, shots_from: str 
     examples = load_examples(data)[:limit]
     pool = load_examples(shots_from) if options.shots and shots_from else []
     net, tokenizer = loaded or load_for_inference(model, adapter, str(pick_device()))
+    if examples and all(isinstance(ex, PreferenceExample) for ex in examples):
+        from finesmith.evaluate.preference import evaluate_preferences
+
+        return evaluate_preferences(net, tokenizer, examples, beta=run_beta(model))
     return evaluate_examples(net, tokenizer, examples, pool, options)
+
+
+def run_beta(spec: str) -> float:
+    """The run's `preference.beta` (for implicit rewards), or the default for anything else."""
+    from finesmith.run import has_record, load_run
+
+    if Path(spec).is_dir() and has_record(Path(spec)):
+        return float(load_run(spec).record.config.get("preference", {}).get("beta", 0.1))
+    return 0.1

@@ -35,6 +35,14 @@ def headline_metrics(result: EvalResult) -> dict[str, str]:
         return {"perplexity": f"{ppl['perplexity']:.3f}", "tokens": f"{ppl['tokens']:,}"}
     if result.task == "tool_call":
         return tool_call_headline(result)
+    if result.task == "preference":
+        m = result.metrics["preference"]
+        row = {"preference accuracy": f"{m['accuracy']:.1%}", "log-prob margin": f"{m['mean_logp_margin']:.2f}",
+               "chosen log-prob": f"{m['chosen_logp']:.2f}", "rejected log-prob": f"{m['rejected_logp']:.2f}"}
+        if "reward_accuracy" in m:
+            row["reward accuracy"] = f"{m['reward_accuracy']:.1%}"
+            row["reward margin"] = f"{m['mean_reward_margin']:.3f}"
+        return row
     if result.task == "generation":
         m = result.metrics["generate"]
         return {"exact match": f"{m['exact_match']:.1%}", "token F1": f"{m['token_f1']:.3f}",

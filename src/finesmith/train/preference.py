@@ -144,19 +144,22 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_logps(model: Any, groups: Sequence[Any], collate: Any, batch_size: int = 8) -> list[tuple[float, ...]]:
+def reference_logps(model: Any, groups: Sequence[Any], collate: Any, batch_size: int = 8,
+                    adapter: bool = False) -> list[tuple[float, ...]]:
     """Each group's reference log-probabilities, from `model` as it is before training.
 
     For an adapter the adapter is disabled (the base model's own outputs, with no second
     copy of the model in memory); a full fine-tune calls this before the first step, so the
-    weights are the initial ones.
+    weights are the initial ones. `adapter=True` keeps the adapter on (the policy's own
+    log-probabilities, for evaluation).
     """
     import contextlib
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    disable = (model.disable_adapter() if hasattr(model, "disable_adapter") and not adapter
+               else contextlib.nullcontext())
     out: list[tuple[float, ...]] = [()] * len(groups)
     with disable:
         for start in range(0, len(groups), batch_size):
