@@ -120,7 +120,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `eval` and `compare`; they fill `finesmith.evaluate.tasks.EvalOptions`."""
-    parser.add_argument("--task", default="auto", choices=("auto", "classification", "generation", "perplexity"),
+    parser.add_argument("--task", default="auto", choices=("auto", "classification", "generation", "perplexity", "tool_call"),
                         help="auto: classification when the references are a few repeated labels, else generation; "
                              "perplexity for raw text")
     parser.add_argument("--scoring", default="both", choices=("generate", "loglik", "both"),
