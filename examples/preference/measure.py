@@ -96,13 +96,20 @@ def score(answers: list[str], heldout: list[dict]) -> dict:
                          "property": p} for row, a, p in zip(heldout, answers, ok)]}
 
 
-def training_seconds(model_spec: str) -> float | None:
-    """The run's training time from its record, or None for a model that is not a run folder."""
+def training_seconds(model_spec: str) -> list[float]:
+    """Training-loop seconds of each run from the built-in model to `model_spec`, oldest first.
+
+    A run whose base model is an export of another run (a staged run's merged stage) counts
+    that run too, so SFT-then-DPO reads as both stages. Empty for a model that is no run.
+    """
     record = Path(model_spec) / "run.json"
     if not record.is_file():
-        return None
-    seconds = (json.loads(record.read_text(encoding="utf-8")).get("result") or {}).get("seconds")
-    return round(seconds) if isinstance(seconds, (int, float)) else None
+        return []
+    run = json.loads(record.read_text(encoding="utf-8"))
+    seconds = (run.get("result") or {}).get("seconds")
+    base = Path((run.get("base_model") or {}).get("spec") or "") / "export.json"
+    earlier = training_seconds(json.loads(base.read_text(encoding="utf-8"))["run"]) if base.is_file() else []
+    return earlier + ([round(seconds)] if isinstance(seconds, (int, float)) else [])
 
 
 def table(reports: list[Path]) -> str:
@@ -111,10 +118,11 @@ def table(reports: list[Path]) -> str:
     for path in reports:
         report = json.loads(path.read_text(encoding="utf-8"))
         seconds = training_seconds(report["model"])
+        time_text = " + ".join(f"{x} s" for x in seconds) if seconds else "—"
         lines.append(f"| {report.get('label') or report['model']} | {report['property_rate']:.1%} "
                      f"({round(report['property_rate'] * report['n'])}/{report['n']}) | {report['correct_rate']:.1%} | "
                      f"{report['mentions_rate']:.1%} | "
-                     f"{'—' if seconds is None else f'{seconds} s'} |")
+                     f"{time_text} |")
     return "\n".join(lines)
 
 
