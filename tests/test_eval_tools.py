@@ -128,8 +128,10 @@ def test_metrics_aggregate_by_example_and_arguments_by_argument():
               score_calls([THERMOSTAT], []),  # no call: 0 of 2
               score_calls([call("get_time")], [call("get_time")])]  # exact, no arguments
     metrics = tool_call_metrics(scores, called=[True, True, False, True])
+    interval = metrics.pop("exact_match_ci")
     assert metrics == {"n": 4, "name_accuracy": 0.75, "arguments_parse_rate": 0.75, "exact_match": 0.5,
                        "argument_accuracy": 3 / 6, "call_rate": 0.75}
+    assert interval == pytest.approx([0.1500, 0.8500], abs=1e-4)  # Wilson, 2 of 4
     assert tool_call_metrics([], [])["n"] == 0
 
 
@@ -164,7 +166,7 @@ def held_out(tmp_path: Path) -> str:
 
 def test_eval_on_tool_calls_renders_the_tools_and_reports_the_metrics(tiny_model, held_out, tmp_path, capsys,
                                                                       monkeypatch):
-    from finesmith.evaluate import generate as generation
+    from finesmith.data import tokenize as generation
 
     rendered = []
     real_prompt_ids = generation.prompt_ids

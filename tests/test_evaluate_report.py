@@ -27,19 +27,27 @@ def test_compare_writes_markdown_and_self_contained_html(tiny_model, tmp_path, c
                         "--max-steps", 2, "--batch-size", 4, "log_every=1", "eval_every=1", "lora.r=2"], capsys)
     assert code == 0, err
     report = tmp_path / "report"
-    code, stdout, err = run(["compare", "--data", held_out, "--base", tiny_model, "--shots", 2, "--shots-from", train,
-                             "--shot-strategy", "balanced", "--max-new-tokens", 3, run_dir, "--output", report], capsys)
+    code, stdout, err = run(["compare", "--data", held_out, "--base", tiny_model, "--shots", "1,2", "--shots-from",
+                             train, "--max-new-tokens", 3, run_dir, "--output", report], capsys)
     assert code == 0, err
     markdown = (report / "report.md").read_text()
     page = (report / "report.html").read_text()
     assert "| approach | task | n | shots | accuracy (generated)" in markdown
-    for name in ("base · zero-shot", "base · 2-shot (balanced)", f"fine-tuned · {run_dir}"):
+    for name in ("base · zero-shot", "base · 1-shot (balanced)", "base · 2-shot (balanced)", f"fine-tuned · {run_dir}"):
         assert name in markdown and name in page
+    # the verdict comes first and is a paired test against the best prompting result
+    assert markdown.index("## Verdict") < markdown.index("## Results")
+    verdict = markdown.split("## Verdict")[1].split("\n\n")[1]
+    assert f"fine-tuned · {run_dir}" in verdict and "McNemar exact test" in verdict and "95% CI" in verdict
+    assert "## Paired comparisons (same examples)" in markdown
+    assert "%]" in markdown.split("## Results")[1].split("##")[0]  # accuracies carry their interval
+    assert "calibration error (ECE)" in markdown
+    assert "the same 2 balanced shots before every query, in this order:" in markdown
     assert "![Training and eval loss](loss_curves.png)" in markdown and (report / "loss_curves.png").stat().st_size > 1000
     assert page.count("src='data:image/png;base64,") == 2 and "<table>" in page
-    assert "Per-class metrics" in page and "Sample outputs" in page
+    assert "<details><summary>Per-class metrics" in page and "Sample outputs" in page
     results = sorted(p.name for p in (report / "results").iterdir())
-    assert len(results) == 3
+    assert len(results) == 4
     zero = json.loads((report / "results" / "base-zero-shot.json").read_text())
     assert zero["task"] == "classification" and zero["n"] == 8 and "accuracy" in zero
 
@@ -58,7 +66,8 @@ def test_eval_generation_and_perplexity_results(tiny_model, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["task"] == "generation" and result["n"] == 4 and 0 <= result["accuracy"] <= 1
-    assert set(result["metrics"]["generate"]) == {"exact_match", "token_f1", "rouge_l", "chrf"}
+    assert set(result["metrics"]["generate"]) == {"exact_match", "token_f1", "rouge_l", "chrf", "exact_match_ci",
+                                                  "token_f1_ci"}
     texts = write_jsonl(tmp_path / "text.jsonl", [{"text": "the quick brown fox jumps"}, {"text": "over the lazy dog"}])
     out = tmp_path / "ppl.json"
     code, stdout, err = run(["eval", "--model", tiny_model, "--data", texts, "--output", out], capsys)

@@ -69,6 +69,7 @@ def build_parser() -> Parser:
     ev.add_argument("--data", required=True, help="held-out JSONL; the last assistant turn is the reference")
     ev.add_argument("--output", help="write results JSON here")
     add_eval_options(ev)
+    ev.add_argument("--shots", type=int, default=0, help="k training examples shown before each query")
 
     cmp = sub.add_parser("compare", help="base model zero-shot and k-shot vs fine-tuned runs, as a report",
                          description="Evaluate the base model (zero-shot, and k-shot with --shots) and each "
@@ -79,6 +80,9 @@ def build_parser() -> Parser:
     cmp.add_argument("--data", required=True, help="held-out file shared by every approach")
     cmp.add_argument("--output", required=True, metavar="DIR", help="report folder")
     add_eval_options(cmp)
+    cmp.add_argument("--shots", type=shot_list, default=None, metavar="K[,K...]",
+                     help="k to sweep for the base model, e.g. 1,4,8 (the default with --shots-from); zero-shot always "
+                          "runs, and the verdict uses the best prompting result")
 
     add_export_and_serve_commands(sub)
 
@@ -125,10 +129,13 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                              "perplexity for raw text")
     parser.add_argument("--scoring", default="both", choices=("generate", "loglik", "both"),
                         help="classification: greedy answers, label log-likelihood, or both")
-    parser.add_argument("--shots", type=int, default=0, help="k training examples shown before each query")
     parser.add_argument("--shots-from", help="file to draw the shots from (usually the training file)")
-    parser.add_argument("--shot-strategy", default="random", choices=("random", "balanced", "similar"),
-                        help="random (seeded), balanced (round-robin over labels), similar (BM25 over prompts)")
+    parser.add_argument("--shot-strategy", default="auto", choices=("auto", "random", "balanced", "similar"),
+                        help="auto (balanced for classification, else random), random (seeded), balanced (round-robin "
+                             "over labels), similar (BM25 over prompts, per query)")
+    parser.add_argument("--vary-shots", action="store_true",
+                        help="random/balanced: draw the shots per query instead of the same shots, in the same order, "
+                             "before every query")
     parser.add_argument("--shot-format", default="chat", choices=("chat", "inline"),
                         help="chat: shots as earlier turns; inline: worked examples in one user message")
     parser.add_argument("--max-prompt-tokens", type=int, help="drop shots until each prompt fits (never cuts the query)")
@@ -142,9 +149,21 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
     """The evaluation flags as an `EvalOptions`."""
     from finesmith.evaluate.tasks import EvalOptions
 
-    return EvalOptions(task=args.task, shots=args.shots, shot_strategy=args.shot_strategy, shot_format=args.shot_format,
+    return EvalOptions(task=args.task, shots=args.shots if isinstance(args.shots, int) else 0,
+                       shot_strategy=args.shot_strategy, shot_format=args.shot_format, fixed_shots=not args.vary_shots,
                        max_prompt_tokens=args.max_prompt_tokens, scoring=args.scoring, seed=args.seed,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+
+def shot_list(text: str) -> list[int]:
+    """`1,4,8` as [1, 4, 8] (argparse type of `compare --shots`)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give shot counts as integers separated by commas, e.g. 1,4,8")
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more shot counts of 0 or more, e.g. 1,4,8")
+    return values
 
 
 def number_or_auto(kind: type) -> Any:
@@ -244,7 +263,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate(args.model, args.data, args.adapter, args.shots_from, eval_options(args), args.limit)
     print_result(console, result, f"{result.task} · {args.shots}-shot · {args.data}")
     if result.accuracy is not None:
-        console.print(f"accuracy {result.accuracy:.3f} ({round(result.accuracy * result.n)}/{result.n}) "
+        from finesmith.evaluate.report import headline_interval
+
+        interval = headline_interval(result)
+        ci = f", 95% CI [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+        console.print(f"accuracy {result.accuracy:.3f} ({round(result.accuracy * result.n)}/{result.n}{ci}) "
                       f"· {args.shots}-shot · {args.data}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +279,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from finesmith.evaluate.compare import compare
     from finesmith.core.console import console
 
-    compare(args.data, args.base, args.runs, Path(args.output), args.shots_from, eval_options(args), args.limit)
+    compare(args.data, args.base, args.runs, Path(args.output), args.shots_from, eval_options(args), args.limit,
+            args.shots)
     console.print(f"report written to {Path(args.output) / 'report.md'} and {Path(args.output) / 'report.html'}")
 
 

@@ -11,15 +11,20 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.report import write_report
 from finesmith.evaluate.tasks import EvalOptions, EvalResult
 
 
+DEFAULT_SHOTS = (1, 4, 8)
+
+
 def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from: str | None = None,
-            options: EvalOptions | None = None, limit: int | None = None) -> list[tuple[str, EvalResult]]:
-    """Evaluate base (0-shot and `options.shots`-shot) and each run; write the report into `output`.
+            options: EvalOptions | None = None, limit: int | None = None,
+            shots: Sequence[int] | None = None) -> list[tuple[str, EvalResult]]:
+    """Evaluate base zero-shot and k-shot for every k in `shots`, and each run; write the report.
 
     Args:
         data: held-out file shared by every approach.
@@ -27,11 +32,15 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
         runs: finesmith run folders (LoRA or full fine-tunes), evaluated zero-shot.
         output: report folder (`report.md`, `report.html`, `results/*.json`).
         shots_from: training file the k-shot prompts draw from.
-        options: evaluation options; `shots` sets k for the base model only.
+        options: evaluation options (`options.shots` is ignored: see `shots`).
         limit: evaluate only the first N examples.
+        shots: the k to sweep for the base model (0 is always evaluated); default
+            `DEFAULT_SHOTS` when `shots_from` is given. Prompts that would not fit the
+            model's context drop shots (farthest first), and the report says how many did.
 
     Returns:
-        (approach name, result) pairs in report order.
+        (approach name, result) pairs in report order. The report's verdict compares each
+        run with the best of the prompting results.
     """
     from finesmith.core.device import pick_device
     from finesmith.model.methods import load_for_inference
@@ -39,22 +48,40 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
     from finesmith.run import load_run
 
     options = (options or EvalOptions()).validate()
-    if options.shots and not shots_from:
+    sweep = sorted({k for k in (shots if shots is not None else (DEFAULT_SHOTS if shots_from else ())) if k > 0})
+    if sweep and not shots_from:
         raise FinesmithError("--shots needs --shots-from TRAIN.jsonl to draw the examples from")
     for run in runs:
         load_run(run)  # refuses a folder that is not a run, before any model is loaded
-    zero = dataclasses.replace(options, shots=0)
     loaded = load_for_inference(base, device=str(pick_device()))
+    budget = options.max_prompt_tokens or context_budget(loaded[0], options.max_new_tokens)
+    zero = dataclasses.replace(options, shots=0)
     entries = [("base · zero-shot", evaluate(base, data, options=zero, limit=limit, loaded=loaded))]
-    if options.shots:
-        entries.append((f"base · {options.shots}-shot ({options.shot_strategy})",
-                        evaluate(base, data, shots_from=shots_from, options=options, limit=limit, loaded=loaded)))
+    notes = []
+    for k in sweep:
+        k_options = dataclasses.replace(options, shots=k, max_prompt_tokens=budget)
+        result = evaluate(base, data, shots_from=shots_from, options=k_options, limit=limit, loaded=loaded)
+        strategy = result.shot_info.get("strategy", options.shot_strategy)
+        entries.append((f"base · {k}-shot ({strategy})", result))
+        short = sum(1 for p in result.predictions if p.get("shots", k) < k)
+        if short:
+            notes.append(f"{k}-shot: {short} of {result.n} prompts dropped shots to fit {budget} tokens")
     del loaded
-    for run in runs:
-        entries.append((f"fine-tuned · {run}", evaluate(run, data, options=zero, limit=limit)))
-    notes = [f"held-out data: {data} ({entries[0][1].n} examples)", f"base model: {base}"]
-    write_comparison(entries, [(str(run), Path(run)) for run in runs], output, notes)
+    names = [f"fine-tuned · {run}" for run in runs]
+    for name, run in zip(names, runs):
+        entries.append((name, evaluate(run, data, options=zero, limit=limit)))
+    notes = [f"held-out data: {data} ({entries[0][1].n} examples)", f"base model: {base}",
+             *([f"prompting: zero-shot and k = {', '.join(map(str, sweep))} from {shots_from}; the verdict uses the "
+                "best of them (chosen on this held-out set, which favours prompting)"] if sweep else []), *notes]
+    write_comparison(entries, list(zip(names, map(Path, runs))), output, notes)
     return entries
+
+
+def context_budget(model: Any, max_new_tokens: int) -> int:
+    """Prompt tokens that leave room for the answer in the model's context window."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    context = int(getattr(base.config, "max_position_embeddings", 0) or 4096)
+    return max(64, context - max_new_tokens)
 
 
 def write_comparison(entries: Sequence[tuple[str, EvalResult]], runs: Sequence[tuple[str, Path]], output: Path,

@@ -1,8 +1,11 @@
 """Few-shot prompts: which training examples to show, and how to show them.
 
-Strategies: `random` (seeded per query), `balanced` (round-robin over answer labels, so
-every label is shown before any repeats) and `similar` (BM25 over the training prompts,
-most similar last, i.e. closest to the query). Shots become earlier chat turns (`chat`)
+Strategies: `random`, `balanced` (round-robin over answer labels, so every label is shown
+before any repeats) and `similar` (BM25 over the training prompts, most similar last, i.e.
+closest to the query). `random` and `balanced` are *fixed* by default: one seeded draw, in one
+order, shown before every query (a query that is itself among them gets the next one drawn
+instead), so the comparison does not vary with which shots each query happened to get, and
+the shared prefix is computed once. `fixed=False` draws them per query (seeded by the query). Shots become earlier chat turns (`chat`)
 or one user message with worked examples (`inline`). A token budget drops shots, least
 useful first, and never cuts the query itself.
 """
@@ -38,13 +41,16 @@ class ShotSelector:
     Args:
         pool: training examples to draw from.
         strategy: one of `STRATEGIES`.
-        seed: seeds the random choices (per query, so results do not depend on order).
+        seed: seeds the random choices.
+        fixed: `random`/`balanced` show the same shots, in the same order, before every query.
     """
 
-    def __init__(self, pool: Sequence[Example], strategy: str = "random", seed: int = 42) -> None:
+    def __init__(self, pool: Sequence[Example], strategy: str = "random", seed: int = 42, fixed: bool = True) -> None:
         if strategy not in STRATEGIES:
             raise FinesmithError(f"unknown shot strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
         self.pool, self.strategy, self.seed = list(pool), strategy, seed
+        self.fixed = fixed and strategy != "similar"
+        self._draws: dict[int, list[int]] = {}
         self._bm25 = None
         if strategy == "similar" and self.pool:
             from rank_bm25 import BM25Okapi
@@ -55,6 +61,8 @@ class ShotSelector:
         """Up to k shots for `query`, ordered so the most useful one comes last."""
         if k <= 0:
             return []
+        if self.fixed:
+            return [self.pool[i] for i in self.fixed_for(query, k)]
         allowed = [i for i, ex in enumerate(self.pool) if not same_prompt(ex, query)]
         rng = random.Random(f"{self.seed}:{query.source}")
         if self.strategy == "similar":
@@ -62,6 +70,34 @@ class ShotSelector:
         if self.strategy == "balanced":
             return [self.pool[i] for i in balanced_choice(self.pool, allowed, k, rng)]
         return [self.pool[i] for i in rng.sample(allowed, min(k, len(allowed)))]
+
+    def fixed_draw(self, k: int) -> list[int]:
+        """The fixed shots for k, in prompt order: one seeded draw, the same for every query."""
+        if k not in self._draws:
+            rng = random.Random(f"{self.seed}:fixed")
+            allowed = list(range(len(self.pool)))
+            self._draws[k] = (balanced_choice(self.pool, allowed, k, rng) if self.strategy == "balanced"
+                              else rng.sample(allowed, min(k, len(allowed))))
+        return self._draws[k]
+
+    def fixed_for(self, query: Example, k: int) -> list[int]:
+        """The fixed shots, with any shot that asks the query's own question replaced in place
+        by another pool example (of the same answer, when there is one)."""
+        draw = self.fixed_draw(k)
+        if not any(same_prompt(self.pool[i], query) for i in draw):
+            return draw
+        order = random.Random(f"{self.seed}:spares").sample(range(len(self.pool)), len(self.pool))
+        spares = [i for i in order if i not in draw and not same_prompt(self.pool[i], query)]
+        shots = []
+        for i in draw:
+            if not same_prompt(self.pool[i], query):
+                shots.append(i)
+                continue
+            alike = [j for j in spares if self.pool[j].answer.strip() == self.pool[i].answer.strip()] or spares
+            if alike:
+                shots.append(alike[0])
+                spares.remove(alike[0])
+        return shots
 
     def _most_similar(self, query: Example, allowed: list[int], k: int) -> list[int]:
         scores = self._bm25.get_scores(bm25_tokens(prompt_text(query)))

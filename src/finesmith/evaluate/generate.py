@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from finesmith.core.templates import stop_token_ids
 from finesmith.data.tokenize import prompt_ids
 
-__all__ = ["eval_progress", "generate", "generate_batch", "stop_token_ids"]
+__all__ = ["eval_progress", "generate", "generate_batch", "generate_batched", "stop_token_ids"]
 
 
 def eval_progress() -> Progress:
@@ -20,11 +20,27 @@ def eval_progress() -> Progress:
                     TimeRemainingColumn(), transient=True)
 
 
-@torch.no_grad()
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
              max_new_tokens: int = 32, batch_size: int = 16,
-             tools: Sequence[Sequence[dict[str, Any]] | None] | None = None) -> list[str]:
+             tools: Sequence[Sequence[dict[str, Any]] | None] | None = None,
+             groups: Sequence[Any] | None = None) -> list[str]:
     """Greedy answers for each conversation (rendered with the generation prompt).
+
+    Runs on `finesmith.evaluate.engine` (shared prefixes computed once, the KV cache, finished
+    rows leaving the batch); `groups` names prompts that share a prefix. Models the engine
+    cannot run use `generate_batched`.
+    """
+    from finesmith.evaluate.engine import answer_and_score
+
+    return answer_and_score(model, tokenizer, conversations, None, max_new_tokens, batch_size, tools, groups,
+                            description="generating")[0]
+
+
+@torch.no_grad()
+def generate_batched(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
+                     max_new_tokens: int = 32, batch_size: int = 16,
+                     tools: Sequence[Sequence[dict[str, Any]] | None] | None = None) -> list[str]:
+    """Greedy answers with `model.generate`, one left-padded batch at a time.
 
     `tools`, when given, holds each conversation's function schemas (or None), rendered into
     its prompt by the chat template. Prompts are sorted by length so each batch pads little;

@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from finesmith.evaluate.stats import BOOTSTRAP_RESAMPLES, mean_interval, wilson_interval
+
 OTHER = "(other)"
 
 
@@ -36,6 +38,7 @@ def classification_metrics(references: Sequence[str], predictions: Sequence[str]
         `{"accuracy", "macro_f1", "per_class": {label: {precision, recall, f1, support}},
         "confusion": {"labels": [...], "matrix": rows=reference, columns=prediction}}`.
         Macro-F1 averages over the true labels only; `OTHER` is a column, never a row.
+        `accuracy_ci` (Wilson) and `macro_f1_ci` (bootstrap) are 95% intervals.
     """
     known = set(labels)
     predicted = [p if p in known else OTHER for p in predictions]
@@ -55,8 +58,36 @@ def classification_metrics(references: Sequence[str], predictions: Sequence[str]
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     correct = sum(matrix[i][i] for i in range(len(labels)))
     return {"accuracy": correct / max(1, len(references)),
+            "accuracy_ci": list(wilson_interval(correct, len(references))),
             "macro_f1": sum(c["f1"] for c in per_class.values()) / max(1, len(per_class)),
+            "macro_f1_ci": list(macro_f1_interval([index[r] for r in references], [index[p] for p in predicted],
+                                                  len(labels), len(columns))),
             "per_class": per_class, "confusion": {"labels": columns, "matrix": matrix}}
+
+
+def macro_f1_interval(references: Sequence[int], predictions: Sequence[int], n_labels: int, n_columns: int,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of macro-F1 (label indices; predictions may use the
+    extra `OTHER` column), vectorised over resamples."""
+    import numpy as np
+
+    n = len(references)
+    if n == 0:
+        return 0.0, 0.0
+    refs, preds = np.asarray(references), np.asarray(predictions)
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    codes = refs[idx] * n_columns + preds[idx] + (np.arange(resamples) * n_labels * n_columns)[:, None]
+    counts = np.bincount(codes.ravel(), minlength=resamples * n_labels * n_columns)
+    matrix = counts.reshape(resamples, n_labels, n_columns)
+    true_pos = matrix[:, np.arange(n_labels), np.arange(n_labels)]
+    support, predicted = matrix.sum(axis=2), matrix[:, :, :n_labels].sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros(true_pos.shape), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros(true_pos.shape), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros(true_pos.shape), where=total > 0)
+    values = np.sort(f1.mean(axis=1))
+    return (float(values[int(np.floor(0.025 * (resamples - 1)))]),
+            float(values[int(np.ceil(0.975 * (resamples - 1)))]))
 
 
 def answer_tokens(text: str) -> list[str]:
@@ -96,10 +127,12 @@ def generation_metrics(references: Sequence[str], predictions: Sequence[str]) ->
     """Exact match (normalised first line), mean token F1, ROUGE-L and chrF.
 
     Returns:
-        `{"exact_match", "token_f1", "rouge_l", "chrf"}`; the first three in [0, 1], chrF in [0, 100].
+        `{"exact_match", "token_f1", "rouge_l", "chrf"}`; the first three in [0, 1], chrF in [0, 100];
+        plus `exact_match_ci` (Wilson) and `token_f1_ci` (bootstrap), 95%.
     """
     n = max(1, len(references))
     exact = sum(normalise_answer(r) == normalise_answer(p) for r, p in zip(references, predictions))
-    return {"exact_match": exact / n,
-            "token_f1": sum(token_f1(r, p) for r, p in zip(references, predictions)) / n,
+    f1s = [token_f1(r, p) for r, p in zip(references, predictions)]
+    return {"exact_match": exact / n, "exact_match_ci": list(wilson_interval(exact, len(references))),
+            "token_f1": sum(f1s) / n, "token_f1_ci": list(mean_interval(f1s)),
             "rouge_l": rouge_l(references, predictions), "chrf": chrf(references, predictions)}

@@ -17,6 +17,7 @@ from typing import Any
 
 from finesmith.data.formats import PreferenceExample
 from finesmith.errors import FinesmithError
+from finesmith.evaluate.stats import wilson_interval
 
 
 def evaluate_preferences(model: Any, tokenizer: Any, examples: Sequence[Any], beta: float = 0.1,
@@ -48,7 +49,8 @@ def evaluate_preferences(model: Any, tokenizer: Any, examples: Sequence[Any], be
             reward_margin += reward
         records.append(record)
     n = len(groups)
-    metrics: dict[str, Any] = {"preference": {"n": n, "accuracy": wins / n, "mean_logp_margin": margin / n,
+    metrics: dict[str, Any] = {"preference": {"n": n, "accuracy": wins / n, "accuracy_ci": list(wilson_interval(wins, n)),
+                                              "mean_logp_margin": margin / n,
                                               "chosen_logp": sum(p[0] for p in policy) / n,
                                               "rejected_logp": sum(p[1] for p in policy) / n}}
     if base is not None:

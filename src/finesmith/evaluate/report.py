@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from finesmith.evaluate.stats import paired_difference, verdict, wilson_interval
 from finesmith.evaluate.tasks import EvalResult
 from finesmith.evaluate.toolcalls import format_calls
 
@@ -37,7 +38,7 @@ def headline_metrics(result: EvalResult) -> dict[str, str]:
         return tool_call_headline(result)
     if result.task == "preference":
         m = result.metrics["preference"]
-        row = {"preference accuracy": f"{m['accuracy']:.1%}", "log-prob margin": f"{m['mean_logp_margin']:.2f}",
+        row = {"preference accuracy": _with_ci(m["accuracy"], m.get("accuracy_ci")), "log-prob margin": f"{m['mean_logp_margin']:.2f}",
                "chosen log-prob": f"{m['chosen_logp']:.2f}", "rejected log-prob": f"{m['rejected_logp']:.2f}"}
         if "reward_accuracy" in m:
             row["reward accuracy"] = f"{m['reward_accuracy']:.1%}"
@@ -45,13 +46,65 @@ def headline_metrics(result: EvalResult) -> dict[str, str]:
         return row
     if result.task == "generation":
         m = result.metrics["generate"]
-        return {"exact match": f"{m['exact_match']:.1%}", "token F1": f"{m['token_f1']:.3f}",
+        return {"exact match": _with_ci(m["exact_match"], m.get("exact_match_ci")),
+                "token F1": _with_ci(m["token_f1"], m.get("token_f1_ci"), "{:.3f}"),
                 "ROUGE-L": f"{m['rouge_l']:.3f}", "chrF": f"{m['chrf']:.1f}"}
     row = {}
     for scoring, m in result.metrics.items():
-        row[f"accuracy ({SCORING_NAMES[scoring]})"] = f"{m['accuracy']:.1%}"
-        row[f"macro-F1 ({SCORING_NAMES[scoring]})"] = f"{m['macro_f1']:.3f}"
+        row[f"accuracy ({SCORING_NAMES[scoring]})"] = _with_ci(m["accuracy"], m.get("accuracy_ci"))
+        row[f"macro-F1 ({SCORING_NAMES[scoring]})"] = _with_ci(m["macro_f1"], m.get("macro_f1_ci"), "{:.3f}")
+        if "calibration" in m:
+            row["calibration error (ECE)"] = f"{m['calibration']['ece']:.3f}"
     return row
+
+
+def _with_ci(value: float, ci: Sequence[float] | None, form: str = "{:.1%}") -> str:
+    """`72.5% [65.1%, 79.0%]`: a value and its 95% interval, when there is one."""
+    text = form.format(value)
+    return text if not ci else f"{text} [{form.format(ci[0])}, {form.format(ci[1])}]"
+
+
+def headline_interval(result: EvalResult) -> tuple[float, float] | None:
+    """The 95% Wilson interval of an entry's headline accuracy (None without one)."""
+    correct = result.correctness()
+    return None if correct is None else wilson_interval(sum(correct), len(correct))
+
+
+def paired_rows(entries: Sequence[tuple[str, EvalResult]], tuned_names: Sequence[str]
+                ) -> tuple[list[str], list[str], list[list[str]]]:
+    """The headline verdicts and the table of paired comparisons on the same examples.
+
+    Each fine-tuned entry (named in `tuned_names`) is compared with the best prompting entry
+    (highest headline accuracy among the others), with every other prompting entry, and with
+    each other fine-tuned entry. Returns (headline sentences, header, rows).
+    """
+    scored = [(name, r, r.correctness()) for name, r in entries]
+    scored = [(name, r, c) for name, r, c in scored if c is not None]
+    prompting = [(name, r, c) for name, r, c in scored if name not in tuned_names]
+    tuned = [(name, r, c) for name, r, c in scored if name in tuned_names]
+    pairs: list[tuple[tuple, tuple]] = []
+    best = max(prompting, key=lambda e: e[1].accuracy) if prompting else None
+    for entry in tuned:
+        pairs += [(entry, other) for other in ([best] if best else []) + [p for p in prompting if p is not best]]
+    pairs += [(a, b) for i, a in enumerate(tuned) for b in tuned[i + 1:]]
+    if not tuned and len(prompting) > 1:
+        pairs += [(best, other) for other in prompting if other is not best]
+    headlines, rows = [], []
+    header = ["A", "B", "A − B (points)", "95% CI (points)", "only A right", "only B right", "McNemar p", "verdict"]
+    for (name_a, _, a), (name_b, _, b) in pairs:
+        if len(a) != len(b):
+            continue
+        paired = paired_difference(a, b)
+        words = verdict(name_a, name_b, paired)
+        if best is not None and name_b == best[0] and (not tuned or name_a in tuned_names):
+            headlines.append(words)
+        low, high = paired["ci"]
+        p = paired["p_value"]
+        rows.append([name_a, name_b, f"{paired['difference'] * 100:+.1f}", f"[{low * 100:+.1f}, {high * 100:+.1f}]",
+                     str(paired["only_a"]), str(paired["only_b"]), "< 0.001" if p < 0.001 else f"{p:.3f}",
+                     "A better" if p < 0.05 and paired["difference"] > 0 else
+                     "B better" if p < 0.05 and paired["difference"] < 0 else "cannot tell"])
+    return headlines, header, rows
 
 
 def tool_call_headline(result: EvalResult) -> dict[str, str]:
@@ -170,13 +223,16 @@ def accuracy_png(entries: Sequence[tuple[str, EvalResult]]) -> bytes | None:
 
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.5 * len(scored)), dpi=100)
     names, values = zip(*scored)
-    ax.barh(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+    intervals = [headline_interval(r) for _, r in entries if r.accuracy is not None]
+    errors = [[max(0.0, v - ci[0]) if ci else 0.0 for v, ci in zip(values, intervals)],
+              [max(0.0, ci[1] - v) if ci else 0.0 for v, ci in zip(values, intervals)]]
+    ax.barh(range(len(values)), values, xerr=errors, capsize=4, color=[f"C{i}" for i in range(len(values))])
     ax.set_yticks(range(len(values)), names)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy (headline)")
+    ax.set_xlabel("accuracy (headline), with 95% Wilson interval")
     for i, value in enumerate(values):
-        ax.text(min(value + 0.01, 0.9), i, f"{value:.1%}", va="center")
+        ax.text(min(value + 0.01 + errors[1][i], 0.9), i, f"{value:.1%}", va="center")
     return _png(fig)
 
 
@@ -215,13 +271,25 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+STATS_NOTE = ("Intervals are 95%: Wilson score intervals for accuracies and exact match, percentile bootstrap "
+              "(2,000 resamples) for F1. Paired comparisons use the same examples: the difference with Newcombe's "
+              "paired interval and McNemar's exact test on the examples only one of the two got right; "
+              "\"beats\" means p < 0.05. Calibration error (ECE) compares the label log-likelihood's confidence "
+              "with its accuracy over 10 bins (0 = perfectly calibrated).")
+
+
 def write_report(entries: Sequence[tuple[str, EvalResult]], runs: Sequence[tuple[str, Path]], output: Path,
                  title: str, notes: Sequence[str] = ()) -> tuple[Path, Path]:
     """Write `report.md` (with PNG files beside it) and a self-contained `report.html`.
 
+    The verdict comes first (each fine-tuned run against the best prompting result, as a
+    paired test on the same examples), then the results table with 95% intervals, the charts,
+    the paired comparisons, and the per-class tables folded below.
+
     Args:
         entries: (approach name, result) pairs, all on the same held-out file.
-        runs: (name, run folder) pairs whose `metrics.jsonl` gives the loss curves.
+        runs: (name, run folder) of the fine-tuned entries (the other entries are prompting
+            approaches); each run's `metrics.jsonl` gives the loss curves.
         output: folder to write into (created if needed).
         title: the report's heading.
         notes: extra lines shown under the heading (data file, model, timings...).
@@ -234,59 +302,99 @@ def write_report(entries: Sequence[tuple[str, EvalResult]], runs: Sequence[tuple
     images = {name: png for name, png in images.items() if png is not None}
     for name, png in images.items():
         (output / name).write_bytes(png)
-    sections = [("Results", *results_rows(entries))]
+    headlines, paired_header, paired = paired_rows(entries, [name for name, _ in runs])
+    sections: list[Section] = [("Results", *results_rows(entries), False)]
+    late: list[Section] = []
+    if paired:
+        late.append(("Paired comparisons (same examples)", paired_header, paired, False))
+    if any("tool_calls" in r.metrics for _, r in entries):
+        late.append(("Tool calls", *tool_call_rows(entries), False))
     for name, result in entries:
         if result.task == "classification":
-            sections.append((f"Per-class metrics · {name}", *per_class_rows(result)))
-    if any("tool_calls" in r.metrics for _, r in entries):
-        sections.append(("Tool calls", *tool_call_rows(entries)))
+            late.append((f"Per-class metrics · {name}", *per_class_rows(result), True))
     if any(r.predictions for _, r in entries):
-        sections.append(("Sample outputs", *sample_rows(entries)))
+        late.append(("Sample outputs", *sample_rows(entries), True))
+    notes = list(notes) + shot_notes(entries)
     markdown, page = output / "report.md", output / "report.html"
-    markdown.write_text(render_markdown(title, notes, sections, images), encoding="utf-8")
-    page.write_text(render_html(title, notes, sections, images), encoding="utf-8")
+    markdown.write_text(render_markdown(title, notes, headlines, sections + late, images), encoding="utf-8")
+    page.write_text(render_html(title, notes, headlines, sections + late, images), encoding="utf-8")
     return markdown, page
 
 
-Section = tuple[str, list[str], list[list[str]]]
+def shot_notes(entries: Sequence[tuple[str, EvalResult]]) -> list[str]:
+    """One line per k-shot entry saying which shots it showed, in which order."""
+    lines = []
+    for name, result in entries:
+        info = result.shot_info
+        if not info:
+            continue
+        if info.get("fixed"):
+            order = ", ".join(info.get("order", []))
+            lines.append(f"{name}: the same {result.shots} {info['strategy']} shots before every query, "
+                         f"in this order: {order}")
+        else:
+            lines.append(f"{name}: {info['strategy']} shots chosen per query")
+    return lines
+
+
+Section = tuple[str, list[str], list[list[str]], bool]  # heading, header, rows, folded
 IMAGE_CAPTIONS = {"accuracy.png": "Accuracy", "loss_curves.png": "Training and eval loss"}
 
 
-def render_markdown(title: str, notes: Sequence[str], sections: Sequence[Section], images: dict[str, bytes]) -> str:
+def render_markdown(title: str, notes: Sequence[str], headlines: Sequence[str], sections: Sequence[Section],
+                    images: dict[str, bytes]) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    lines = [f"# {title}", "", *[f"- {note}" for note in notes], ""]
-    for heading, header, rows in sections[:1]:
-        lines += _markdown_table(heading, header, rows, cell)
+    lines = [f"# {title}", ""]
+    if headlines:
+        lines += ["## Verdict", "", *[f"**{h}**" if i == 0 else h for i, h in enumerate(headlines)], ""]
+    lines += [*[f"- {note}" for note in notes], ""]
+    for heading, header, rows, folded in sections[:1]:
+        lines += _markdown_table(heading, header, rows, cell, folded)
     for name in images:
         lines += [f"## {IMAGE_CAPTIONS[name]}", "", f"![{IMAGE_CAPTIONS[name]}]({name})", ""]
-    for heading, header, rows in sections[1:]:
-        lines += _markdown_table(heading, header, rows, cell)
+    for heading, header, rows, folded in sections[1:]:
+        lines += _markdown_table(heading, header, rows, cell, folded)
+    lines += ["## How to read the numbers", "", STATS_NOTE, ""]
     return "\n".join(lines)
 
 
-def _markdown_table(heading: str, header: list[str], rows: list[list[str]], cell: Any) -> list[str]:
-    return [f"## {heading}", "", "| " + " | ".join(map(cell, header)) + " |",
-            "|" + "---|" * len(header), *["| " + " | ".join(map(cell, row)) + " |" for row in rows], ""]
+def _markdown_table(heading: str, header: list[str], rows: list[list[str]], cell: Any, folded: bool = False
+                    ) -> list[str]:
+    table = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header),
+             *["| " + " | ".join(map(cell, row)) + " |" for row in rows], ""]
+    if folded:
+        return [f"<details><summary>{heading}</summary>", "", *table, "</details>", ""]
+    return [f"## {heading}", "", *table]
 
 
-def render_html(title: str, notes: Sequence[str], sections: Sequence[Section], images: dict[str, bytes]) -> str:
+def render_html(title: str, notes: Sequence[str], headlines: Sequence[str], sections: Sequence[Section],
+                images: dict[str, bytes]) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
              "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:left;vertical-align:top}th{background:#f3f3f3}</style></head><body>",
-             f"<h1>{esc(title)}</h1>", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"]
+             "text-align:left;vertical-align:top}th{background:#f3f3f3}"
+             ".verdict{font-size:1.15em;background:#f5f9ff;border-left:4px solid #3572b0;padding:.6em 1em}"
+             "details{margin:.6em 0}summary{cursor:pointer;font-weight:600}</style></head><body>",
+             f"<h1>{esc(title)}</h1>"]
+    if headlines:
+        parts.append("<div class='verdict'>" + "".join(
+            f"<p>{'<b>' if i == 0 else ''}{esc(h)}{'</b>' if i == 0 else ''}</p>" for i, h in enumerate(headlines))
+            + "</div>")
+    parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
 
-    def table(heading: str, header: list[str], rows: list[list[str]]) -> str:
+    def table(heading: str, header: list[str], rows: list[list[str]], folded: bool) -> str:
         head = "".join(f"<th>{esc(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-        return f"<h2>{esc(heading)}</h2><table><tr>{head}</tr>{body}</table>"
+        grid = f"<table><tr>{head}</tr>{body}</table>"
+        return f"<details><summary>{esc(heading)}</summary>{grid}</details>" if folded else f"<h2>{esc(heading)}</h2>{grid}"
 
     parts += [table(*section) for section in sections[:1]]
     for name, png in images.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<h2>{IMAGE_CAPTIONS[name]}</h2><img alt='{IMAGE_CAPTIONS[name]}' src='data:image/png;base64,{data}'>")
     parts += [table(*section) for section in sections[1:]]
+    parts.append(f"<h2>How to read the numbers</h2><p>{esc(STATS_NOTE)}</p>")
     return "\n".join(parts + ["</body></html>"])

@@ -31,8 +31,9 @@ from finesmith.data.tokenize import TokenizedExample, lm_windows, require_tool_s
 from finesmith.data.tool_templates import install_tool_format
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.fewshot import SHOT_FORMATS, STRATEGIES, ShotSelector, budgeted_prompt
+from finesmith.evaluate.engine import answer_and_score
 from finesmith.evaluate.generate import generate
-from finesmith.evaluate.loglik import label_logprobs
+from finesmith.evaluate.stats import expected_calibration_error, label_confidences
 from finesmith.evaluate.metrics import classification_metrics, generation_metrics, normalise_answer
 from finesmith.evaluate.toolcalls import (calls_json_length, format_calls, parse_tool_calls, score_calls,
                                           tool_call_metrics)
@@ -48,7 +49,8 @@ class EvalOptions:
 
     task: str = "auto"  # auto | classification | generation | perplexity | tool_call
     shots: int = 0  # k training examples shown before each query
-    shot_strategy: str = "random"  # random | balanced | similar
+    shot_strategy: str = "auto"  # auto (balanced for classification, else random) | random | balanced | similar
+    fixed_shots: bool = True  # random/balanced: the same shots in the same order before every query
     shot_format: str = "chat"  # chat (earlier turns) | inline (one user message)
     max_prompt_tokens: int | None = None  # drop shots until the prompt fits
     scoring: str = "both"  # classification: generate | loglik | both
@@ -64,7 +66,7 @@ class EvalOptions:
     def validate(self) -> "EvalOptions":
         """Check choices and ranges; return self for chaining."""
         for name, value, allowed in (("task", self.task, ("auto",) + TASKS), ("scoring", self.scoring, SCORINGS),
-                                     ("shot strategy", self.shot_strategy, STRATEGIES),
+                                     ("shot strategy", self.shot_strategy, ("auto",) + STRATEGIES),
                                      ("shot format", self.shot_format, SHOT_FORMATS),
                                      ("tool format", self.tool_format, TOOL_FORMATS)):
             if value not in allowed:
@@ -88,11 +90,21 @@ class EvalResult:
     labels: list[str] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    shot_info: dict[str, Any] = field(default_factory=dict)  # strategy, fixed?, the fixed shots in order
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "n": self.n, "shots": self.shots, "accuracy": self.accuracy,
                 "metrics": self.metrics, "labels": self.labels, "seconds": round(self.seconds, 2),
-                "predictions": self.predictions}
+                "shot_info": self.shot_info, "predictions": self.predictions}
+
+    def correctness(self) -> list[bool] | None:
+        """Per example, whether the headline scoring got it right (None when there is no headline)."""
+        if self.accuracy is None or not self.predictions:
+            return None
+        key = "correct" if "correct" in self.predictions[0] else "loglik_correct"
+        if key not in self.predictions[0]:
+            return None
+        return [bool(p.get(key)) for p in self.predictions]
 
 
 def infer_task(references: Sequence[str]) -> str:
@@ -114,13 +126,45 @@ def label_set(references: Sequence[str]) -> tuple[list[str], list[str]]:
     return labels, [forms[label].most_common(1)[0][0] for label in labels]
 
 
+def shot_strategy(options: EvalOptions, task: str) -> str:
+    """The strategy `auto` stands for: `balanced` for classification (every label shown), else `random`."""
+    if options.shot_strategy != "auto":
+        return options.shot_strategy
+    return "balanced" if task == "classification" else "random"
+
+
+@dataclass
+class Prompts:
+    """Each example's prompt with its shots: the messages, how many shots survived the token
+    budget, and a key naming the shots (prompts with equal keys share their prefix)."""
+
+    messages: list[list[dict[str, Any]]]
+    kept: list[int]
+    groups: list[tuple[str, ...]]
+    strategy: str = "random"
+    fixed: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """What the report states about the shots: strategy, whether fixed, and their order."""
+        info: dict[str, Any] = {"strategy": self.strategy, "fixed": self.fixed}
+        if self.fixed and self.groups:
+            info["order"] = list(Counter(self.groups).most_common(1)[0][0])
+        return info
+
+
 def build_prompts(tokenizer: Any, examples: Sequence[Example], pool: Sequence[Example],
-                  options: EvalOptions) -> tuple[list[list[dict[str, Any]]], list[int]]:
-    """Each example's prompt with its shots, and how many shots survived the token budget."""
-    selector = ShotSelector(pool, options.shot_strategy, options.seed)
-    built = [budgeted_prompt(tokenizer, ex, selector.select(ex, options.shots), options.shot_format,
-                             options.max_prompt_tokens, ex.tools) for ex in examples]
-    return [messages for messages, _ in built], [kept for _, kept in built]
+                  options: EvalOptions, task: str = "generation") -> Prompts:
+    """Each example's prompt with its shots (see `Prompts`)."""
+    strategy = shot_strategy(options, task)
+    selector = ShotSelector(pool, strategy, options.seed, options.fixed_shots)
+    messages, kept, groups = [], [], []
+    for ex in examples:
+        shots = selector.select(ex, options.shots)
+        prompt, k = budgeted_prompt(tokenizer, ex, shots, options.shot_format, options.max_prompt_tokens, ex.tools)
+        messages.append(prompt)
+        kept.append(k)
+        groups.append(tuple(shot.source for shot in shots[len(shots) - k:]))
+    return Prompts(messages, kept, groups, strategy, selector.fixed and options.shots > 0)
 
 
 def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[AnyExample], pool: Sequence[AnyExample] = (),
@@ -184,15 +228,19 @@ def evaluate_conversations(model: Any, tokenizer: Any, examples: Sequence[Exampl
         tokenized = [TokenizedExample(*map(tuple, tokens_and_mask(tokenizer, list(ex.messages), ex.tools)), ex.source)
                      for ex in examples]
         return perplexity_result(model, tokenized, options)
-    prompts, kept = build_prompts(tokenizer, examples, pool, options)
+    built = build_prompts(tokenizer, examples, pool, options, task)
     records = [{"source": ex.source, "prompt": ex.prompt_messages[-1]["content"] if ex.prompt_messages else "",
-                "reference": ex.answer, "shots": k} for ex, k in zip(examples, kept)]
+                "reference": ex.answer, "shots": k} for ex, k in zip(examples, built.kept)]
     tools = [ex.tools for ex in examples]  # each prompt is rendered with its example's function schemas
     if task == "tool_call":
-        return tool_calls(model, tokenizer, examples, prompts, records, options)
-    if task == "classification":
-        return classify(model, tokenizer, prompts, references, records, options, tools)
-    return open_generation(model, tokenizer, prompts, references, records, options, tools)
+        result = tool_calls(model, tokenizer, examples, built.messages, records, options)
+    elif task == "classification":
+        result = classify(model, tokenizer, built, references, records, options, tools)
+    else:
+        result = open_generation(model, tokenizer, built, references, records, options, tools)
+    if options.shots:
+        result.shot_info = built.describe()
+    return result
 
 
 def prepare_tool_rendering(tokenizer: Any, examples: Sequence[Example], tool_format: str) -> None:
@@ -217,22 +265,28 @@ def check_task_fits(task: str, examples: Sequence[Example], calling: Sequence[Ex
                              "score; use --task tool_call (or auto)")
 
 
-def classify(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], references: Sequence[str],
+def classify(model: Any, tokenizer: Any, prompts: Prompts, references: Sequence[str],
              records: list[dict[str, Any]], options: EvalOptions,
              tools: Sequence[Any] | None = None) -> EvalResult:
-    """Classification metrics from greedy answers and/or label log-likelihood."""
+    """Classification metrics from greedy answers and/or label log-likelihood (one pass over
+    each prompt gives both, see `finesmith.evaluate.engine`)."""
     labels, surface = label_set(references)
     gold = [normalise_answer(r) for r in references]
     metrics: dict[str, Any] = {}
-    if options.scoring in ("generate", "both"):
-        answers = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size, tools)
+    generating = options.scoring in ("generate", "both")
+    answers, scores = answer_and_score(model, tokenizer, prompts.messages,
+                                       surface if options.scoring in ("loglik", "both") else None,
+                                       options.max_new_tokens if generating else 0, options.batch_size, tools,
+                                       prompts.groups)
+    if generating:
         metrics["generate"] = classification_metrics(gold, [normalise_answer(a) for a in answers], labels)
         for record, answer, ref in zip(records, answers, gold):
             record.update(prediction=answer, correct=normalise_answer(answer) == ref)
-    if options.scoring in ("loglik", "both"):
-        scores = label_logprobs(model, tokenizer, prompts, surface, tools=tools)
+    if scores is not None:
         chosen = [max(range(len(labels)), key=row.__getitem__) for row in scores]
         metrics["loglik"] = classification_metrics(gold, [labels[c] for c in chosen], labels)
+        metrics["loglik"]["calibration"] = expected_calibration_error(
+            label_confidences(scores), [labels[c] == ref for c, ref in zip(chosen, gold)])
         for record, c, row, ref in zip(records, chosen, scores, gold):
             record.update(loglik_prediction=surface[c], loglik_correct=labels[c] == ref,
                           loglik_margin=round(row[c] - max((s for i, s in enumerate(row) if i != c), default=row[c]), 4))
@@ -240,11 +294,12 @@ def classify(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], re
     return EvalResult("classification", len(records), options.shots, headline, metrics, surface, records)
 
 
-def open_generation(model: Any, tokenizer: Any, prompts: list[list[dict[str, Any]]], references: Sequence[str],
+def open_generation(model: Any, tokenizer: Any, prompts: Prompts, references: Sequence[str],
                     records: list[dict[str, Any]], options: EvalOptions,
                     tools: Sequence[Any] | None = None) -> EvalResult:
     """Exact match, token F1, ROUGE-L and chrF of greedy answers."""
-    answers = generate(model, tokenizer, prompts, options.max_new_tokens, options.batch_size, tools)
+    answers = generate(model, tokenizer, prompts.messages, options.max_new_tokens, options.batch_size, tools,
+                       prompts.groups)
     for record, answer, ref in zip(records, answers, references):
         record.update(prediction=answer, correct=normalise_answer(answer) == normalise_answer(ref))
     metrics = {"generate": generation_metrics(references, answers)}

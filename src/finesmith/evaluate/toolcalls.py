@@ -140,8 +140,11 @@ def tool_call_metrics(scores: Sequence[dict[str, Any]], called: Sequence[bool]) 
     n = len(scores)
     share = (lambda key: sum(s[key] for s in scores) / n) if n else (lambda key: 0.0)
     total = sum(s["arguments_total"] for s in scores)
+    from finesmith.evaluate.stats import wilson_interval
+
     return {"n": n, "name_accuracy": share("name_correct"), "arguments_parse_rate": share("arguments_parse"),
             "exact_match": share("arguments_exact"),
+            "exact_match_ci": list(wilson_interval(sum(bool(s["arguments_exact"]) for s in scores), n)),
             "argument_accuracy": sum(s["arguments_matched"] for s in scores) / total if total else None,
             "call_rate": sum(called) / n if n else 0.0}
 
