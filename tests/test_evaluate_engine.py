@@ -108,3 +108,27 @@ def test_a_rendering_that_does_not_extend_the_prompt_has_no_trie():
     # 7 is shared; nothing is forwarded after a candidate's last scored token
     assert trie.ids == [7] and trie.parents == [-1] and trie.depth == [0]
     assert trie.targets == [(-1, 7, 0), (0, 8, 0), (-1, 7, 1), (0, 6, 1)]
+
+
+def test_precision_policy_and_a_bf16_evaluation(tiny_model):
+    from finesmith.core.device import inference_dtype
+    from finesmith.errors import FinesmithError
+    from finesmith.model.methods import load_for_inference
+
+    assert inference_dtype("auto", "cpu") == torch.float32  # half precision is emulated on CPUs without it
+    assert inference_dtype("bf16", "cpu") == torch.bfloat16 and inference_dtype("fp32", "cuda") == torch.float32
+    with pytest.raises(FinesmithError, match="unknown precision"):
+        inference_dtype("int4", "cpu")
+    model, tokenizer = load_for_inference(tiny_model, precision="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    fp32, _ = load_for_inference(tiny_model)
+    prompts = prompts_with(QA[-2:])[:4]
+    for net in (model, fp32):
+        jobs = jobs_for(tokenizer, prompts)
+        out = PromptEngine(net, tokenizer.pad_token_id, stop_token_ids(tokenizer), 4).run(jobs, 4, len(CANDIDATES))
+        scores = [o.scores for o in out]
+        assert all(torch.isfinite(torch.tensor(row)).all() for row in scores)
+        if net is fp32:
+            for row, half in zip(scores, bf16_scores):  # bf16 rounds, it does not change the model
+                assert row == pytest.approx(half, abs=0.5)
+        bf16_scores = scores

@@ -143,6 +143,13 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    add_precision_flag(parser)
+
+
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="model dtype for inference: auto = bf16 on CUDA, fp32 on CPU (where half precision "
+                             "is emulated and slower); fp32 keeps full precision everywhere")
 
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:
@@ -152,7 +159,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(task=args.task, shots=args.shots if isinstance(args.shots, int) else 0,
                        shot_strategy=args.shot_strategy, shot_format=args.shot_format, fixed_shots=not args.vary_shots,
                        max_prompt_tokens=args.max_prompt_tokens, scoring=args.scoring, seed=args.seed,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, precision=args.precision)
 
 
 def shot_list(text: str) -> list[int]:
@@ -308,6 +315,7 @@ def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     for name, text in (("chat", "talk to a run in the terminal"), ("serve", "serve a run over an OpenAI-compatible API")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("run", metavar="RUN", help="run folder, exported model folder, .gguf file or built-in alias")
+        add_precision_flag(cmd)
     chat = sub.choices["chat"]
     chat.add_argument("--system", help="system prompt for the conversation")
     chat.add_argument("--max-new-tokens", type=int, default=512)
@@ -338,13 +346,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from finesmith.serve.chat import run_chat
     from finesmith.serve.engine import Sampling
 
-    run_chat(args.run, args.system, Sampling(args.max_new_tokens, args.temperature), sys.stdin, sys.stdout, sys.stderr)
+    run_chat(args.run, args.system, Sampling(args.max_new_tokens, args.temperature), sys.stdin, sys.stdout, sys.stderr,
+             args.precision)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from finesmith.serve.server import serve
 
-    serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size)
+    serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size, precision=args.precision)
 
 
 def add_advise_command(sub: argparse._SubParsersAction) -> None:

@@ -381,7 +381,7 @@ def evaluate(model: str, data: str, adapter: str | None = None, shots_from: str 
         raise FinesmithError("--shots needs --shots-from TRAIN.jsonl to draw the examples from")
     examples = load_examples(data)[:limit]
     pool = load_examples(shots_from) if options.shots and shots_from else []
-    net, tokenizer = loaded or load_for_inference(model, adapter, str(pick_device()))
+    net, tokenizer = loaded or load_for_inference(model, adapter, str(pick_device()), options.precision)
     if examples and all(isinstance(ex, PreferenceExample) for ex in examples):
         from finesmith.evaluate.preference import evaluate_preferences
 

@@ -53,7 +53,7 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
         raise FinesmithError("--shots needs --shots-from TRAIN.jsonl to draw the examples from")
     for run in runs:
         load_run(run)  # refuses a folder that is not a run, before any model is loaded
-    loaded = load_for_inference(base, device=str(pick_device()))
+    loaded = load_for_inference(base, device=str(pick_device()), precision=options.precision)
     budget = options.max_prompt_tokens or context_budget(loaded[0], options.max_new_tokens)
     zero = dataclasses.replace(options, shots=0)
     entries = [("base · zero-shot", evaluate(base, data, options=zero, limit=limit, loaded=loaded))]

@@ -113,6 +113,22 @@ class Job:
 
 
 @dataclass
+class _Chunk:
+    """Rows of one prompt batch waiting to be decoded: their cache rows and where they stand."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    visible: torch.Tensor
+    tokens: list[int]
+    positions: list[int]
+    outcomes: list["Outcome"]
+
+
+def _pad_to(states: torch.Tensor, length: int) -> torch.Tensor:
+    """`[B, H, L, D]` key/value states padded with zeros to `length` positions (masked out)."""
+    return torch.nn.functional.pad(states, (0, 0, 0, length - states.shape[2]))
+
+
+@dataclass
 class Outcome:
     answer_ids: list[int] | None = None  # greedy answer tokens (stop token excluded)
     scores: list[float] | None = None  # per candidate
@@ -127,10 +143,16 @@ class PromptEngine:
         pad_id: token used for padding (masked out, never attended to).
         stops: token ids that end an answer.
         batch_size: prompts per forward.
+        decode_rows: rows decoded together (default 4 × batch_size).
     """
 
-    def __init__(self, model: Any, pad_id: int, stops: Sequence[int], batch_size: int = 16) -> None:
+    def __init__(self, model: Any, pad_id: int, stops: Sequence[int], batch_size: int = 16,
+                 decode_rows: int | None = None) -> None:
         self.model, self.pad_id, self.stops, self.batch_size = model, pad_id, set(stops), max(1, batch_size)
+        # Decoding reads every weight once per step whatever the rows, so rows waiting to be
+        # decoded are pooled across prompt batches and decoded together.
+        self.decode_rows = decode_rows or 4 * self.batch_size
+        self._pool: list[_Chunk] = []
         self.device = next(model.parameters()).device
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # transformers 5.x renames `past_key_values` to `cache`; pass whichever this model takes
@@ -146,13 +168,16 @@ class PromptEngine:
         self.model.eval()
         order = _order(jobs)
         outcomes = [Outcome() for _ in jobs]
-        self._prefix = None
+        self._prefix, self._pool = None, []
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             for i, outcome in zip(index, self._batch([jobs[i] for i in index], max_new_tokens, n_candidates)):
                 outcomes[i] = outcome
+            if sum(len(chunk.outcomes) for chunk in self._pool) >= self.decode_rows:
+                self._flush(max_new_tokens)
             if progress is not None:
                 progress(len(index))
+        self._flush(max_new_tokens)
         self._prefix = None
         return outcomes
 
@@ -252,17 +277,36 @@ class PromptEngine:
                 token = int(node_logits[r][child].argmax())
             outcomes[r].answer_ids = answer
         if pending:
-            self._decode(outcomes, pending, visible, cache, max_new_tokens)
+            rows = torch.tensor([r for r, _, _ in pending], device=self.device)
+            self._pool.append(_Chunk([(layer.keys[rows], layer.values[rows]) for layer in cache.layers],
+                                     visible[rows.cpu()], [t for _, t, _ in pending], [p for _, _, p in pending],
+                                     [outcomes[r] for r, _, _ in pending]))
 
-    def _decode(self, outcomes: list[Outcome], pending: list[tuple[int, int, int]], visible: torch.Tensor,
+    def _flush(self, max_new_tokens: int) -> None:
+        """Decode every pooled row together: caches padded to one length (padding masked)."""
+        from transformers import DynamicCache
+
+        chunks, self._pool = self._pool, []
+        if not chunks:
+            return
+        length = max(chunk.visible.shape[1] for chunk in chunks)
+        cache = DynamicCache(config=self._config())
+        for i, layer in enumerate(cache.layers):
+            keys = [_pad_to(chunk.layers[i][0], length) for chunk in chunks]
+            values = [_pad_to(chunk.layers[i][1], length) for chunk in chunks]
+            layer.update(torch.cat(keys), torch.cat(values))
+        visible = torch.cat([torch.nn.functional.pad(c.visible, (0, length - c.visible.shape[1])) for c in chunks])
+        tokens = [t for c in chunks for t in c.tokens]
+        positions = [p for c in chunks for p in c.positions]
+        self._decode([o for c in chunks for o in c.outcomes], tokens, positions, visible, cache, max_new_tokens)
+
+    def _decode(self, outcomes: list[Outcome], first: list[int], first_positions: list[int], visible: torch.Tensor,
                 cache: Any, max_new_tokens: int) -> None:
-        """Decode the rows in `pending` one token at a time with the cache; finished rows leave."""
-        rows = [r for r, _, _ in pending]
-        if len(rows) < visible.shape[0]:
-            cache.batch_select_indices(torch.tensor(rows, device=self.device))
-            visible = visible[rows]
-        tokens = torch.tensor([[t] for _, t, _ in pending])
-        positions = torch.tensor([[p] for _, _, p in pending])
+        """Decode each row from its `first` token, one token at a time with the cache; finished
+        rows leave the batch."""
+        rows = list(range(len(outcomes)))
+        tokens = torch.tensor([[t] for t in first])
+        positions = torch.tensor([[p] for p in first_positions])
         while rows:
             visible = torch.cat([visible, torch.ones(len(rows), 1, dtype=torch.bool)], dim=1)
             logits = self._forward(tokens, positions, visible[:, None, None, :], cache, 1)[:, -1]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finesmith.config import TOOL_FORMATS
+from finesmith.core.device import PRECISIONS
 from finesmith.data.formats import AnyExample, Example, TextExample
 from finesmith.data.tokenize import TokenizedExample, lm_windows, require_tool_support, tokens_and_mask, uses_tools
 from finesmith.data.tool_templates import install_tool_format
@@ -62,13 +63,16 @@ class EvalOptions:
     # training's `tool_format: hermes` does, so a base model sees its fine-tune's format);
     # `template` needs a template that renders tools.
     tool_format: str = "hermes"
+    # Model dtype for inference: auto (bf16 on CUDA, fp32 on CPU; see core.device.inference_dtype) | fp32 | bf16 | fp16
+    precision: str = "auto"
 
     def validate(self) -> "EvalOptions":
         """Check choices and ranges; return self for chaining."""
         for name, value, allowed in (("task", self.task, ("auto",) + TASKS), ("scoring", self.scoring, SCORINGS),
                                      ("shot strategy", self.shot_strategy, ("auto",) + STRATEGIES),
                                      ("shot format", self.shot_format, SHOT_FORMATS),
-                                     ("tool format", self.tool_format, TOOL_FORMATS)):
+                                     ("tool format", self.tool_format, TOOL_FORMATS),
+                                     ("precision", self.precision, PRECISIONS)):
             if value not in allowed:
                 raise FinesmithError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
         if self.shots < 0:

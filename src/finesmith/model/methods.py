@@ -246,8 +246,12 @@ def _logical_numel(param: torch.Tensor) -> int:
     return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
 
-def load_for_inference(model: str, adapter: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
+def load_for_inference(model: str, adapter: str | None = None, device: str = "cpu",
+                       precision: str = "fp32") -> tuple[Any, Any]:
     """Load (model, tokenizer) for evaluation, chat, serving or export.
+
+    `precision` (`fp32`, `bf16`, `fp16` or `auto`, see `finesmith.core.device.inference_dtype`)
+    casts the loaded model, adapter included, for inference; export and merges keep fp32.
 
     `model` may be a base model spec or a finesmith run folder. A run is read through its
     record (`finesmith.run.load_run`): the base it started from, its tokenizer as saved
@@ -271,8 +275,7 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "cp
             net = load_model(run.base_spec, device)
             resize_embeddings(net, int(run.record.tokenizer.get("vocab_size") or len(tokenizer)))
             net = _put_adapter(net, str(folder))
-        net.eval()
-        return net, tokenizer
+        return _for_inference(net, device, precision), tokenizer
     if folder.is_dir() and (folder / "adapter_config.json").is_file() and adapter is None:
         raise FinesmithError(f"{model}: an adapter folder without a finesmith run record; "
                              f"pass --model BASE --adapter {model}")
@@ -285,8 +288,17 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "cp
             raise FinesmithError(f"{adapter}: not an adapter folder (no adapter_config.json); "
                                  "pass an adapter run's output folder")
         net = _put_adapter(net, adapter)
-    net.eval()
-    return net, tokenizer
+    return _for_inference(net, device, precision), tokenizer
+
+
+def _for_inference(net: Any, device: str, precision: str) -> Any:
+    """Eval mode, in the dtype `precision` asks for on `device`."""
+    from finesmith.core.device import inference_dtype
+
+    dtype = inference_dtype(precision, device)
+    if dtype != torch.float32:
+        net = net.to(dtype)
+    return net.eval()
 
 
 def _put_adapter(model: Any, folder: str) -> Any:

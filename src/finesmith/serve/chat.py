@@ -67,11 +67,11 @@ def reply(engine: ChatEngine, history: list[dict[str, str]], text: str, out: Tex
 
 
 def run_chat(spec: str, system: str | None, sampling: Sampling, stdin: TextIO, stdout: TextIO,
-             err: TextIO) -> None:
+             err: TextIO, precision: str = "auto") -> None:
     """Load the model and chat over the given streams (`finesmith chat`)."""
     from finesmith.serve.engine import load_engine
 
-    engine = load_engine(spec)
+    engine = load_engine(spec, precision=precision)
     interactive = stdin.isatty()
     err.write(f"chatting with {engine.name}; {HELP}\n")
     chat_loop(engine, iter(stdin.readline, ""), stdout, system, sampling, "you> " if interactive else "")

@@ -409,13 +409,15 @@ def sampling_arguments(sampling: Sampling) -> dict[str, Any]:
     return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
 
 
-def load_engine(spec: str, device: str | None = None, queue_size: int = DEFAULT_QUEUE_SIZE) -> ChatEngine:
+def load_engine(spec: str, device: str | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,
+                precision: str = "auto") -> ChatEngine:
     """Load a run folder (LoRA merged for speed), an exported model folder or any `--model` spec.
 
     Args:
         spec: run folder, model folder, `.gguf` file or built-in alias.
         device: `cpu`/`cuda`; defaults to CUDA when available.
         queue_size: requests allowed to wait for the model while one runs.
+        precision: model dtype (`auto`: bf16 on CUDA, fp32 on CPU; see `inference_dtype`).
 
     Returns:
         A ready `ChatEngine` named after the folder or file.
@@ -425,10 +427,13 @@ def load_engine(spec: str, device: str | None = None, queue_size: int = DEFAULT_
     if queue_size < 1:
         raise FinesmithError(f"the queue size must be at least 1, not {queue_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from finesmith.core.device import inference_dtype
+
+    dtype = inference_dtype(precision, device)  # checked before the model loads
     model, tokenizer = load_for_inference(spec, None, device)
     if hasattr(model, "peft_config") and method_of(model).mergeable:
         model = method_of(model).merge(model)  # same outputs, no adapter overhead per token
-    model.eval()
+    model = model.to(dtype).eval()  # cast after merging, so the merge itself is exact in fp32
     path = Path(spec)
     name = path.stem if path.suffix.lower() == ".gguf" else (path.name if path.exists() else spec)
     return ChatEngine(model, tokenizer, name, queue_size)

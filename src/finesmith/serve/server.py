@@ -331,7 +331,7 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+          log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto") -> None:
     """Load a model and serve it until SIGTERM or Ctrl-C (`finesmith serve`).
 
     Args:
@@ -341,10 +341,11 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
         api_key: required bearer token, if any.
         log: where to print the start-up lines.
         queue_size: requests allowed to wait for the model; beyond that clients get 429.
+        precision: model dtype (`auto`: bf16 on CUDA, fp32 on CPU).
     """
     if host not in LOOPBACK and not api_key:
         log(f"warning: serving on {host} without --api-key; anyone who can reach this port can use the model")
-    engine = load_engine(spec, queue_size=queue_size)
+    engine = load_engine(spec, queue_size=queue_size, precision=precision)
     log(f"serving '{engine.name}' at http://{host}:{port}/v1 (OpenAI-compatible, up to {queue_size} waiting)"
         + ("; requests need the API key" if api_key else ""))
     config = uvicorn.Config(build_app(engine, api_key), host=host, port=port, log_level="warning",
