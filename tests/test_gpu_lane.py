@@ -80,3 +80,102 @@ def test_chunked_cross_entropy_by_hand():
     (grad_parts,) = torch.autograd.grad(parts, hidden)
     assert float(parts) == pytest.approx(float(whole), rel=1e-6)
     torch.testing.assert_close(grad_parts, grad_whole)
+
+
+def test_precision_policy_resolves_per_device():
+    from finesmith.core.device import training_precision
+    from finesmith.errors import FinesmithError
+
+    assert training_precision("auto", "cpu") == "fp32"  # bf16 autocast measured slower on this CPU
+    assert training_precision("bf16", "cpu") == "bf16" and training_precision("fp32", "cpu") == "fp32"
+    from finesmith.config import DataSettings
+
+    config = TrainConfig(model="m", data=DataSettings(path="d"), output="o", precision="fp16")
+    with pytest.raises(FinesmithError, match="loss scaling"):
+        config.validate()
+    if torch.cuda.is_available():
+        assert training_precision("auto", "cuda") == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_bf16_policy_stores_frozen_weights_in_bf16_and_trains_fp32_masters(tiny_model, method):
+    """bf16 asked for explicitly (what `auto` gives on CUDA), run on the CPU: the frozen base
+    is bf16 for adapters, every trainable parameter stays fp32, the loss is fp32 and agrees
+    with the fp32 computation to bf16 rounding."""
+    from finesmith.model.methods import keep_trained_in_fp32
+    from finesmith.train.loop import autocast
+
+    def build(precision):
+        config = TrainConfig(model=tiny_model, data="-", output="-", method=method, precision=precision)
+        config.lora.r, config.lora.dropout = 4, 0.0
+        torch.manual_seed(0)
+        return keep_trained_in_fp32(apply_method(load_base_model(config, "cpu"), config))
+
+    half, full = build("bf16"), build("fp32")
+    frozen = {p.dtype for p in half.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in half.parameters() if p.requires_grad}
+    assert trained == {torch.float32}
+    assert frozen == ({torch.bfloat16} if method == "lora" else set())
+    batch = batch_of(tiny_model)
+    with autocast(torch.device("cpu"), "bf16"):
+        loss_half, _ = sft_loss(half, batch)
+    loss_full, _ = sft_loss(full, batch)
+    assert loss_half.dtype == torch.float32
+    assert float(loss_half) == pytest.approx(float(loss_full), rel=2e-2)
+    loss_half.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in half.parameters() if p.requires_grad)
+
+
+def test_varlen_attention_packed_equals_separate_in_loss_and_gradients(tiny_model):
+    """The varlen path (per-sequence SDPA on CPU; PyTorch's Flash varlen kernel on CUDA, in
+    bench/gpu_check.py) against each example computed alone, and against the dense mask."""
+    from transformers import AutoTokenizer
+
+    from finesmith.data.formats import Example
+    from finesmith.data.tokenize import tokenize_examples
+    from finesmith.model.attention import pack_varlen, use_varlen
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    examples = tokenize_examples(tokenizer, [Example(({"role": "user", "content": q}, {"role": "assistant", "content": a}),
+                                                     f"t:{i}") for i, (q, a) in enumerate(QA[:5])], max_length=128)[0]
+    dense_model = model_for(tiny_model, "lora")
+    varlen_model = copy.deepcopy(dense_model)
+    use_varlen(varlen_model)
+    varlen = loss_and_grads(varlen_model, pack_varlen(examples))
+    dense = loss_and_grads(dense_model, pack_batch(examples))
+    alone_loss, alone_grads = 0.0, {}
+    for ex in examples:
+        loss, _, grads = loss_and_grads(dense_model, pack_batch([ex]))
+        alone_loss += loss
+        for name, grad in grads.items():
+            alone_grads[name] = alone_grads.get(name, 0) + grad
+    assert "attention_mask" not in pack_varlen(examples)  # no T×T mask at all
+    for loss, _, grads in (varlen, dense):
+        assert loss == pytest.approx(alone_loss, rel=1e-5)
+        for name, grad in alone_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-9)
+    # a model switched to varlen attention still evaluates with masks (generation, log-likelihood)
+    from finesmith.evaluate.engine import PromptEngine, Job
+    from finesmith.core.templates import stop_token_ids
+    from finesmith.data.tokenize import prompt_ids
+    jobs = [Job(prompt_ids(tokenizer, [{"role": "user", "content": q}])) for q, _ in QA[:3]]
+    stops = stop_token_ids(tokenizer)
+    a = PromptEngine(varlen_model, tokenizer.pad_token_id, stops, 3).run(jobs, 4)
+    b = PromptEngine(dense_model, tokenizer.pad_token_id, stops, 3).run(jobs, 4)
+    assert [o.answer_ids for o in a] == [o.answer_ids for o in b]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen Flash-Attention kernel needs a CUDA GPU")
+def test_cuda_varlen_kernel_packed_equals_separate(tiny_model):
+    from finesmith.model.attention import cuda_kernel_available, varlen_attention
+
+    assert cuda_kernel_available()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 12, 16, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device="cuda")
+    out, _ = varlen_attention(None, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, max_length_q=7)
+    for s, e in ((0, 5), (5, 12)):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                               scale=0.25).transpose(1, 2)
+        torch.testing.assert_close(out[:, s:e], ref, rtol=2e-2, atol=2e-2)

@@ -128,6 +128,11 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (the best by eval loss is kept as well)
     max_bad_steps: int = 5  # consecutive non-finite losses/gradients that stop the run
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # auto: bf16 on CUDA (frozen weights stored in bf16, trained ones in fp32, bf16 autocast, fp32 loss), fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | bf16 (fp16 needs loss scaling and is refused)
+    # packed rows: dense block mask, or variable-length attention from the sequence boundaries (SFT);
+    # auto: varlen on CUDA with PyTorch's kernel, dense elsewhere
+    attention: str = "auto"  # auto | dense | varlen
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (the 8-bit ones need CUDA + bitsandbytes)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow (metrics.jsonl always)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -165,6 +170,11 @@ class TrainConfig:
             if getattr(self.preference, key) <= 0:
                 raise FinesmithError(f"config: `preference.{key}` must be positive, got {getattr(self.preference, key)}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("attention", self.attention, ("auto", "dense", "varlen"))
+        if self.precision == "fp16":
+            raise FinesmithError("config: `precision: fp16` trains only with loss scaling, which finesmith does not do; "
+                                 "use bf16 (GPUs since Ampere) or fp32")
         for tracker in self.report_to:
             _choice("report_to", tracker, TRACKERS)
         for key in ("epochs", "batch_size", "lr"):

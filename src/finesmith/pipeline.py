@@ -31,7 +31,8 @@ from finesmith.evaluate.tasks import EvalOptions, EvalResult, evaluate_examples
 from finesmith.folders import fresh_folder
 from finesmith.model.load import embedding_module_names, load_chat_tokenizer, model_fingerprint, resize_embeddings
 from finesmith.model.methods import (Method, apply_method, check_method_supported, count_parameters, get_method,
-                                     load_base_model, load_for_inference, trained_in_full)
+                                     keep_trained_in_fp32, load_base_model, load_for_inference, trained_in_full)
+from finesmith.model.attention import resolve_attention, use_varlen
 from finesmith.run import RunRecord, versions, write_record
 from finesmith.train.auto import resolve_auto
 from finesmith.train.loop import LoopSettings, Preempted, TrainResult, fit, seed_everything, steps_per_epoch
@@ -100,7 +101,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     base = load_base_model(config, str(pick_device()))
     trained_config = fit_new_tokens(base, tokenizer, config, added_tokens)
     seed_everything(config.seed)  # adapter initialisation is random too
-    model = apply_method(base, trained_config)
+    model = keep_trained_in_fp32(apply_method(base, trained_config))
     trainable, total = count_parameters(model)
     console.print(f"method {config.method}: {trainable:,} trainable parameters of {total:,} "
                   f"({100 * trainable / total:.2f}%)")
@@ -113,7 +114,12 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     write_record(output, record)
     save_config(trained_config, output / "config.yaml")
     objective = method.objective(config.objective, config.preference)
-    collate = method.collate(config.row_tokens, config.objective, config.preference.share_prompt)
+    attention = resolve_attention(config.attention, pick_device())
+    if attention == "varlen" and (config.objective != "sft" or method.layout != "packed"):
+        attention = "dense"  # preference tries need their ancestor masks; virtual tokens need padded rows
+    if attention == "varlen":
+        use_varlen(model)
+    collate = method.collate(config.row_tokens, config.objective, config.preference.share_prompt, attention)
     if getattr(objective, "needs_reference", False):
         train_data.examples[:] = with_reference(model, train_data, collate, config)
         if eval_data:
@@ -130,6 +136,8 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
         record.state, record.error = "failed", (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         write_record(output, record)
         raise
+    if attention == "varlen":  # saved models load with the standard attention
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
     save_model(model, tokenizer, output)
     record.state, record.resumable = "finished", not result.restored_best
     record.result = {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
@@ -323,7 +331,7 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> Loo
         eval_every=config.eval_every, packing=config.packing, pack_tokens=config.resolved_pack_tokens(),
         save_every=config.save_every, keep_checkpoints=config.keep_checkpoints, max_bad_steps=config.max_bad_steps,
         early_stopping_patience=config.early_stopping_patience, optimizer=config.optimizer,
-        embedding_lr_ratio=config.embedding_lr_ratio,
+        embedding_lr_ratio=config.embedding_lr_ratio, precision=config.precision,
         report_to=tuple(config.report_to))
 
 

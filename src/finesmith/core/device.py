@@ -11,6 +11,25 @@ def pick_device() -> torch.device:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def training_precision(precision: str, device: str | torch.device) -> str:
+    """`fp32` or `bf16`: what a training run computes in.
+
+    `auto` is bf16 on CUDA GPUs that support it and fp32 elsewhere. On the CPU, bf16 autocast
+    was measured slower than fp32 on this project's AVX2 machine (see `bench/cpu_precision.py`
+    and the README), so the CPU trains in fp32 unless `precision: bf16` asks otherwise.
+    """
+    from finesmith.errors import FinesmithError
+
+    kind = torch.device(device).type
+    if precision == "auto":
+        return "bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FinesmithError("precision bf16: this GPU has no bf16 support; use precision: fp32")
+    if precision not in ("fp32", "bf16"):
+        raise FinesmithError(f"training precision must be auto, fp32 or bf16, not {precision!r}")
+    return precision
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -232,7 +232,10 @@ def accuracy_png(entries: Sequence[tuple[str, EvalResult]]) -> bytes | None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy (headline), with 95% Wilson interval")
     for i, value in enumerate(values):
-        ax.text(min(value + 0.01 + errors[1][i], 0.9), i, f"{value:.1%}", va="center")
+        if value + errors[1][i] > 0.85:  # no room right of the bar: write inside it, left of the interval
+            ax.text(value - errors[0][i] - 0.01, i, f"{value:.1%}", va="center", ha="right", color="white")
+        else:
+            ax.text(value + errors[1][i] + 0.01, i, f"{value:.1%}", va="center")
     return _png(fig)
 
 

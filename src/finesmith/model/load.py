@@ -190,13 +190,13 @@ def model_fingerprint(spec: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_model(spec: str, device: str = "cpu") -> Any:
-    """Load a causal LM in float32 with SDPA attention (needed for packed 4-D masks)."""
+def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """Load a causal LM (float32 unless `dtype` says otherwise) with SDPA attention (packed 4-D masks)."""
     from transformers import AutoModelForCausalLM
 
     path, gguf_file = resolve_model_path(spec)
     model = _from_pretrained(AutoModelForCausalLM, spec, path, gguf_file,
-                             dtype=torch.float32, attn_implementation="sdpa")
+                             dtype=dtype, attn_implementation="sdpa")
     return model.to(device)
 
 

@@ -52,8 +52,12 @@ class Method:
     mergeable: bool
 
     def collate(self, row_tokens: int | None = ROW_TOKENS, objective: str = "sft",
-                share_prompt: bool = True) -> Collate:
-        """The batch layout this method trains and evaluates on with `objective`."""
+                share_prompt: bool = True, attention: str = "dense") -> Collate:
+        """The batch layout this method trains and evaluates on with `objective`.
+
+        `attention: varlen` (SFT on the packed layout) makes one padding-free row with its
+        sequence boundaries instead of rows with a dense block mask (`finesmith.model.attention`).
+        """
         if objective in PREFERENCE_OBJECTIVES:
             self.check_objective(objective)
             from finesmith.data.pairs import pack_groups
@@ -61,6 +65,10 @@ class Method:
             return functools.partial(pack_groups, row_tokens=row_tokens, share_prompt=share_prompt)
         if self.layout == PADDED:
             return pad_batch
+        if attention == "varlen":
+            from finesmith.model.attention import pack_varlen
+
+            return pack_varlen
         return functools.partial(pack_batch, row_tokens=row_tokens)
 
     def objective(self, name: str = "sft", preference: PreferenceSettings | None = None) -> Objective:
@@ -142,10 +150,20 @@ def check_method_supported(config: TrainConfig) -> None:
 
 
 def load_base_model(config: TrainConfig, device: str) -> Any:
-    """The base model the method starts from: float32 for all methods, 4-bit NF4 for qlora."""
+    """The base model the method starts from, stored as the precision policy says.
+
+    - `qlora`: 4-bit NF4 weights (bf16 compute).
+    - an adapter method in bf16 (`precision: auto` on CUDA, or `bf16`): the frozen base in
+      bf16, half the memory of fp32; the adapter's weights are kept in fp32 (`keep_trained_in_fp32`).
+    - full fine-tuning, or fp32: float32 weights (full fine-tuning keeps fp32 master weights and
+      computes under bf16 autocast when the precision is bf16).
+    """
+    from finesmith.core.device import training_precision
+
     check_method_supported(config)
     if config.method != "qlora":
-        return load_model(config.model, device)
+        bf16 = training_precision(config.precision, device) == "bf16" and config.method != "full"
+        return load_model(config.model, device, torch.bfloat16 if bf16 else torch.float32)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -153,6 +171,14 @@ def load_base_model(config: TrainConfig, device: str) -> Any:
     path, _ = resolve_model_path(config.model)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                 attn_implementation="sdpa", device_map={"": torch.cuda.current_device()})
+
+
+def keep_trained_in_fp32(model: Any) -> Any:
+    """Trainable parameters in float32 (master weights), whatever the frozen ones are stored in."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def apply_method(model: Any, config: TrainConfig) -> Any:

@@ -61,6 +61,7 @@ class LoopSettings:
     embedding_lr_ratio: float = 1.0  # learning-rate multiplier for trainable embeddings / LM head
     planned_steps: int | None = None  # the schedule's original horizon (total_steps unless extended)
     extensions: tuple[tuple[int, int], ...] = ()  # (at_step, new_total) from `--resume --extend`
+    precision: str = "auto"  # auto | fp32 | bf16: autocast dtype (see finesmith.core.device.training_precision)
     flops_per_token: float = 0.0  # with peak_flops: model FLOPs utilisation in the log (GPUs)
     peak_flops: float = 0.0
 
@@ -127,10 +128,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 is slower and less exact)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast when the run's precision is bf16 (`auto`: on CUDA); plain fp32 otherwise.
+    The loss is computed from fp32 logits either way (the objectives upcast them)."""
+    from finesmith.core.device import training_precision
+
+    if training_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -274,7 +278,7 @@ def train_step(model: Any, batches: list[dict[str, Any]], objective: Objective,
     step_count = sum(batch_count(b) for b in batches)
     step_loss = torch.zeros((), device=device)
     for unit in forward_units(batches, device):
-        with autocast(device):
+        with autocast(device, settings.precision):
             loss_sum, _ = objective(model, to_device(unit, device))
         (loss_sum / max(1, step_count)).backward()
         step_loss += loss_sum.detach()
@@ -354,7 +358,7 @@ def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSe
     The best weights are saved whenever an eval improves, independently of `save_every`,
     so early stopping can end with them.
     """
-    metrics = evaluate_metrics(model, eval_set, settings.batch_size, objective, collate)
+    metrics = evaluate_metrics(model, eval_set, settings.batch_size, objective, collate, settings.precision)
     loss = metrics["loss"]
     state.eval_loss = loss
     if state.best_eval_loss is None or loss < state.best_eval_loss:
@@ -396,7 +400,8 @@ def evaluate_loss(model: Any, examples: Sequence[Any], batch_size: int,
 
 @torch.no_grad()
 def evaluate_metrics(model: Any, examples: Sequence[Any], batch_size: int,
-                     objective: Objective | None = None, collate: Collate | None = None) -> dict[str, float]:
+                     objective: Objective | None = None, collate: Collate | None = None,
+                     precision: str = "auto") -> dict[str, float]:
     """`{"loss": ...}` plus whatever the objective measures (`objective.measure`, e.g. preference accuracy)."""
     if objective is None or collate is None:
         from finesmith.model.methods import method_of
@@ -410,11 +415,11 @@ def evaluate_metrics(model: Any, examples: Sequence[Any], batch_size: int,
              for u in forward_units([collate(examples[start:start + batch_size])], device))
     measure = getattr(objective, "measure", None)
     if measure is not None:
-        with autocast(device):
+        with autocast(device, precision):
             return measure(model, units)
     total, count = 0.0, 0
     for unit in units:
-        with autocast(device):
+        with autocast(device, precision):
             loss_sum, n = objective(model, unit)
         total += float(loss_sum)
         count += int(n)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from finesmith.data.pack import IGNORE
+from finesmith.model.attention import attention_inputs
 
 
 # Full-vocabulary fp32 logits above this many elements (256 MiB) are computed in chunks.
@@ -35,12 +36,12 @@ def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     parts = body_and_head(model)
     if parts is not None and kept.numel() * parts[1].weight.shape[0] > CHUNK_ABOVE_ELEMENTS:
         body, head = parts
-        hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                      attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                      **attention_inputs(batch)).last_hidden_state
         loss = chunked_cross_entropy(hidden[keep], kept, head)
         return loss, torch.tensor(kept.numel(), device=loss.device)
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep,
+                use_cache=False, **attention_inputs(batch))
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     loss = F.cross_entropy(logits.float(), kept, reduction="sum")
     return loss, torch.tensor(kept.numel(), device=loss.device)
