@@ -70,20 +70,32 @@ def run_finesmith(spec: dict) -> dict:
     from finesmith.train.loop import LoopSettings, fit, micro_batches
     from transformers import AutoModelForCausalLM
 
+    from finesmith.core.device import training_precision
+    from finesmith.model.attention import pack_varlen, resolve_attention, use_varlen
+    from finesmith.model.methods import keep_trained_in_fp32
+
     device = spec["device"]
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
-                                                 attn_implementation="sdpa").to(device)
+    # finesmith's own policy: on CUDA the frozen base of an adapter run is stored in bf16
+    # (fp32 LoRA weights, bf16 autocast) and packed rows use variable-length attention
+    precision = training_precision("auto", device)
+    dtype = torch.bfloat16 if precision == "bf16" and spec["method"] != "full" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, attn_implementation="sdpa").to(device)
     config = TrainConfig(model="bench", data="bench", output="bench", method=spec["method"],
                          lora=LoraSettings(**LORA))
     torch.manual_seed(0)
-    model = apply_method(model, config)
+    model = keep_trained_in_fp32(apply_method(model, config))
+    attention = resolve_attention("auto", device)
+    collate_kwargs = {}
+    if attention == "varlen":
+        use_varlen(model)
+        collate_kwargs["collate"] = pack_varlen
     rows = json.loads(Path(spec["data"]).read_text())
     examples = [TokenizedExample(tuple(r["input_ids"]), tuple(bool(m) for m in r["completion_mask"]), f"bench:{i}")
                 for i, r in enumerate(rows)]
     settings = LoopSettings(lr=LR[spec["method"]], total_steps=spec["steps"], batch_size=spec["batch"],
-                            log_every=1, seed=0, max_grad_norm=1.0)
+                            log_every=1, seed=0, max_grad_norm=1.0, precision=precision)
     with tempfile.TemporaryDirectory() as out:
-        fit(model, examples, settings, Path(out))
+        fit(model, examples, settings, Path(out), **collate_kwargs)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     # Exact non-padding tokens per step: replay the loop's own (seeded) batch order.
@@ -122,13 +134,18 @@ def run_trl(spec: dict) -> dict:
                 seen.append(logs.get("num_tokens"))
 
     liger = device == "cuda" and _installed("liger_kernel")
+    # TRL's best settings on a GPU: padding-free batches need a varlen attention kernel
+    padding_free = device == "cuda" and _installed("flash_attn")
+    if padding_free:
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
+                                                     attn_implementation="flash_attention_2")
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out, per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
             max_steps=spec["steps"], learning_rate=LR[spec["method"]], lr_scheduler_type="cosine_with_min_lr",
             lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             logging_steps=1, report_to="none", save_strategy="no", use_cpu=device == "cpu", bf16=device == "cuda",
-            completion_only_loss=True, max_length=None, padding_free=False, seed=0, disable_tqdm=True,
+            completion_only_loss=True, max_length=None, padding_free=padding_free, seed=0, disable_tqdm=True,
             dataloader_num_workers=0, use_liger_kernel=liger, optim="adamw_torch_fused" if device == "cuda" else "adamw_torch")
         peft_config = None
         if spec["method"] == "lora":
@@ -140,7 +157,7 @@ def run_trl(spec: dict) -> dict:
     totals = [int(s) for s in seen]  # cumulative non-padding tokens
     tokens = [b - a for a, b in zip([0] + totals[:-1], totals)]
     result = summarise(tokens, ends, losses, spec)
-    result["liger_kernel"] = liger
+    result["liger_kernel"], result["padding_free"] = liger, padding_free
     return result
 
 
@@ -169,6 +186,8 @@ def main() -> None:
     parser.add_argument("--median-length", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per trainer")
     parser.add_argument("--output", help="result JSON (default bench/results/compare_trl_<preset>_<method>_<device>.json)")
+    parser.add_argument("--trainers", default="finesmith,trl",
+                        help="which to run (finesmith alone checks the harness where TRL is not installed)")
     parser.add_argument("--worker", choices=["finesmith", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,9 +213,10 @@ def main() -> None:
     (work / "data.json").write_text(json.dumps(data))
     spec = {"model_dir": str(work / "model"), "data": str(work / "data.json"), "method": args.method,
             "steps": args.steps, "batch": args.batch, "warmup_steps": args.warmup_steps, "device": device}
-    runs: dict[str, list[dict]] = {"finesmith": [], "trl": []}
+    trainers = [t for t in ("finesmith", "trl") if t in args.trainers.split(",")]
+    runs: dict[str, list[dict]] = {name: [] for name in trainers}
     for repeat in range(args.repeats):
-        for name in ("finesmith", "trl"):
+        for name in trainers:
             proc = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)],
                                   capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -216,15 +236,19 @@ def main() -> None:
         "tokens_per_s": {n: round(b["tokens_per_s"], 1) for n, b in best.items()},
         "peak_memory_mib": {n: round(min(r["peak_memory_mib"] for r in rs)) for n, rs in runs.items()},
         "final_loss": {n: round(b["final_loss"], 4) for n, b in best.items()},
-        "speedup": round(best["finesmith"]["tokens_per_s"] / best["trl"]["tokens_per_s"], 2),
-        "memory_ratio": round(min(r["peak_memory_mib"] for r in runs["finesmith"]) /
-                              min(r["peak_memory_mib"] for r in runs["trl"]), 3),
         "runs": runs,
     }
+    if len(trainers) == 2:
+        summary["speedup"] = round(best["finesmith"]["tokens_per_s"] / best["trl"]["tokens_per_s"], 2)
+        summary["memory_ratio"] = round(min(r["peak_memory_mib"] for r in runs["finesmith"]) /
+                                        min(r["peak_memory_mib"] for r in runs["trl"]), 3)
     out = Path(args.output or HERE / "results" / f"compare_trl_{args.preset}_{args.method}_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
-    print(f"finesmith / TRL: {summary['speedup']}x tokens/s, {summary['memory_ratio']}x peak memory -> {out}")
+    if "speedup" in summary:
+        print(f"finesmith / TRL: {summary['speedup']}x tokens/s, {summary['memory_ratio']}x peak memory -> {out}")
+    else:
+        print(f"{trainers[0]}: {summary['tokens_per_s'][trainers[0]]} tok/s -> {out}")
 
 
 def device_name(device: str) -> str:

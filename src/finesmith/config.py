@@ -133,6 +133,7 @@ class TrainConfig:
     # packed rows: dense block mask, or variable-length attention from the sequence boundaries (SFT);
     # auto: varlen on CUDA with PyTorch's kernel, dense elsewhere
     attention: str = "auto"  # auto | dense | varlen
+    compile: bool = False  # torch.compile the model body (dynamic shapes: packed lengths do not recompile)
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (the 8-bit ones need CUDA + bitsandbytes)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow (metrics.jsonl always)
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     if attention == "varlen":
         use_varlen(model)
     collate = method.collate(config.row_tokens, config.objective, config.preference.share_prompt, attention)
+    if config.compile:
+        compile_body(model)
     if getattr(objective, "needs_reference", False):
         train_data.examples[:] = with_reference(model, train_data, collate, config)
         if eval_data:
@@ -333,6 +336,21 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> Loo
         early_stopping_patience=config.early_stopping_patience, optimizer=config.optimizer,
         embedding_lr_ratio=config.embedding_lr_ratio, precision=config.precision,
         report_to=tuple(config.report_to))
+
+
+def compile_body(model: Any) -> None:
+    """`torch.compile` the decoder body in place, with dynamic shapes so that packed rows of a
+    new length do not trigger a recompile (the LM head and loss stay eager: their shapes
+    change with the trained positions)."""
+    import torch
+
+    from finesmith.train.objectives import body_and_head
+
+    parts = body_and_head(model)
+    if parts is None:
+        raise FinesmithError("compile: true needs a causal LM with a separate body and LM head; set compile: false")
+    parts[0].compile(dynamic=True, backend=os.environ.get("FINESMITH_COMPILE_BACKEND", "inductor"))
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
 def utilisation_inputs(model_config: Any, config: TrainConfig, train_set: list[TokenizedExample]) -> dict[str, float]:

@@ -86,6 +86,33 @@ def merge_adapter(model: Any) -> Any:
     return merged
 
 
+def qlora_merge_parity(model: Any, input_ids: Any, tolerance: float = 0.02) -> dict[str, Any]:
+    """Merge a QLoRA model into its dequantised base and compare the logits with base + adapter.
+
+    Args:
+        model: a peft model on a 4-bit NF4 base, as training leaves it (CUDA, bitsandbytes).
+        input_ids: `[1, T]` tokens to compare on.
+        tolerance: largest logit difference accepted, relative to the largest logit.
+
+    Returns:
+        `{"max_abs_logit_difference", "logit_scale", "relative", "passed"}`; the model is merged in place.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        reference = model(input_ids=input_ids.to(device)).logits.float()
+    base = model.get_base_model()
+    if getattr(base, "is_quantized", False):
+        base.dequantize()  # every NF4 layer (also under the LoRA wrappers) becomes a plain Linear
+    merged = merge_adapter(model).float()
+    with torch.no_grad():
+        out = merged(input_ids=input_ids.to(device)).logits.float()
+    diff, scale = float((out - reference).abs().max()), float(reference.abs().max())
+    return {"max_abs_logit_difference": diff, "logit_scale": scale, "relative": diff / max(scale, 1e-9),
+            "passed": diff <= tolerance * scale}
+
+
 def separate_adapted_head(model: Any) -> None:
     """Give a tied LM head its own matrix before merging when an adapter layer sits on either side.
 

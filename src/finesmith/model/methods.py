@@ -173,6 +173,31 @@ def load_base_model(config: TrainConfig, device: str) -> Any:
                                                 attn_implementation="sdpa", device_map={"": torch.cuda.current_device()})
 
 
+def qlora_base_for_merging(spec: str, device: str) -> Any:
+    """The base a QLoRA adapter was trained on: the NF4-quantised weights, dequantised to fp32.
+
+    A QLoRA adapter learned to correct `dequant(NF4(W))`, not `W`; merging it into the
+    original weights (what a plain reload does) silently adds the quantisation error back.
+    On CUDA the base is quantised exactly as in training and dequantised; without CUDA the
+    original weights are used, with a warning, and `export --verify` shows the difference.
+    """
+    from finesmith.core.console import console
+
+    if not torch.cuda.is_available():
+        console.print("[yellow]warning:[/] this QLoRA run trained on a 4-bit base, which needs CUDA to rebuild; "
+                      "using the original weights (outputs differ by the quantisation error; use a GPU to export)")
+        return load_model(spec, device)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    path, _ = resolve_model_path(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": torch.cuda.current_device()})
+    model = model.dequantize()  # NF4 -> the weights training actually saw
+    return model.to(device=device, dtype=torch.float32)
+
+
 def keep_trained_in_fp32(model: Any) -> Any:
     """Trainable parameters in float32 (master weights), whatever the frozen ones are stored in."""
     for param in model.parameters():
@@ -297,6 +322,8 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "cp
         tokenizer, _ = load_chat_tokenizer(str(folder))
         if not run.record.adapter:
             net = load_model(str(folder), device)
+        elif run.record.method_name == "qlora":
+            net = qlora_base_for_merging(run.base_spec, device)
         else:
             net = load_model(run.base_spec, device)
             resize_embeddings(net, int(run.record.tokenizer.get("vocab_size") or len(tokenizer)))
