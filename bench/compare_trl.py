@@ -89,6 +89,10 @@ def run_finesmith(spec: dict) -> dict:
     if attention == "varlen":
         use_varlen(model)
         collate_kwargs["collate"] = pack_varlen
+    if spec.get("compile"):
+        from finesmith.pipeline import compile_body
+
+        compile_body(model)
     rows = json.loads(Path(spec["data"]).read_text())
     examples = [TokenizedExample(tuple(r["input_ids"]), tuple(bool(m) for m in r["completion_mask"]), f"bench:{i}")
                 for i, r in enumerate(rows)]
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--output", help="result JSON (default bench/results/compare_trl_<preset>_<method>_<device>.json)")
     parser.add_argument("--trainers", default="finesmith,trl",
                         help="which to run (finesmith alone checks the harness where TRL is not installed)")
+    parser.add_argument("--compile", action="store_true", help="finesmith with compile: true (torch.compile, dynamic)")
     parser.add_argument("--worker", choices=["finesmith", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -212,7 +217,8 @@ def main() -> None:
     data = make_data(args.steps * args.batch, args.median_length, 0, shape["vocab_size"])
     (work / "data.json").write_text(json.dumps(data))
     spec = {"model_dir": str(work / "model"), "data": str(work / "data.json"), "method": args.method,
-            "steps": args.steps, "batch": args.batch, "warmup_steps": args.warmup_steps, "device": device}
+            "steps": args.steps, "batch": args.batch, "warmup_steps": args.warmup_steps, "device": device,
+            "compile": args.compile}
     trainers = [t for t in ("finesmith", "trl") if t in args.trainers.split(",")]
     runs: dict[str, list[dict]] = {name: [] for name in trainers}
     for repeat in range(args.repeats):
@@ -230,7 +236,7 @@ def main() -> None:
     summary = {
         "preset": args.preset, "method": args.method, "device": device_name(device),
         "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "settings": {k: spec[k] for k in ("steps", "batch", "warmup_steps")} | {
+        "settings": {k: spec[k] for k in ("steps", "batch", "warmup_steps", "compile")} | {
             "median_length": args.median_length, "repeats": args.repeats, "lr": LR[args.method],
             "lora": LORA if args.method == "lora" else None, "precision": "bf16" if device == "cuda" else "fp32"},
         "tokens_per_s": {n: round(b["tokens_per_s"], 1) for n, b in best.items()},

@@ -31,7 +31,7 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "src"))
 
 from finesmith.config import TrainConfig  # noqa: E402
-from finesmith.data.load import load_examples  # noqa: E402
+from finesmith.data.formats import load_examples  # noqa: E402
 from finesmith.data.pack import pack_batch  # noqa: E402
 from finesmith.data.tokenize import tokenize_examples  # noqa: E402
 from finesmith.demo import demo_data  # noqa: E402

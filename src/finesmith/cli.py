@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -60,6 +61,12 @@ def build_parser() -> Parser:
     train.add_argument("--extend", action="store_true",
                        help="with --resume: continue to another max_steps/epochs (usually larger); the remaining steps follow a "
                             "new cosine from the current learning rate")
+    launch = train.add_argument_group("several processes (started with torchrun; also: torchrun ... -m finesmith train ...)")
+    launch.add_argument("--nproc-per-node", type=int, help="processes on this machine (one per GPU; on a CPU: gloo ranks)")
+    launch.add_argument("--nnodes", help="machines taking part, e.g. 2 (torchrun's rendezvous)")
+    launch.add_argument("--node-rank", type=int, help="this machine's index (static rendezvous)")
+    launch.add_argument("--rdzv-endpoint", help="HOST:PORT every machine can reach (torchrun's c10d rendezvous)")
+    launch.add_argument("--rdzv-id", help="job id shared by the machines of one run")
     train.add_argument("--skip-invalid", action="store_true", default=None,
                        help="drop invalid examples (counted) instead of refusing; see max_invalid_fraction")
 
@@ -187,9 +194,52 @@ def number_or_auto(kind: type) -> Any:
     return parse
 
 
+def launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this same `train` command under torchrun, one process per `--nproc-per-node`."""
+    import subprocess
+
+    if args.nproc_per_node < 1:
+        raise FinesmithError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node)]
+    if args.nnodes:
+        launcher += ["--nnodes", str(args.nnodes)]
+    if args.node_rank is not None:
+        launcher += ["--node-rank", str(args.node_rank)]
+    if args.rdzv_endpoint:
+        launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint]
+    if args.rdzv_id:
+        launcher += ["--rdzv-id", args.rdzv_id]
+    if not (args.nnodes or args.rdzv_endpoint):
+        launcher += ["--standalone"]  # one machine: a free local port, nothing to configure
+    rest, skip = [], False
+    for item in argv:  # the same command without the launch flags
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = "=" not in item
+            continue
+        rest.append(item)
+    return subprocess.call(launcher + ["-m", "finesmith"] + rest)
+
+
+def run_state(output: Path) -> str | None:
+    """The state in a run folder's record, if it has one."""
+    record = output / "run.json"
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from finesmith.config import load_config
     from finesmith.pipeline import train
+
 
     positional = list(args.config_and_overrides)
     path = positional.pop(0) if positional and "=" not in positional[0] else None
@@ -202,6 +252,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.extend and not args.resume:
         raise FinesmithError("--extend continues a run to a new horizon; use it together with --resume")
+    if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        if has_stages(path):
+            raise FinesmithError("--nproc-per-node runs one training config; launch each stage's config with it")
+        from finesmith.pipeline import check_world
+        from finesmith.train.distributed import World
+
+        config = load_config(path, positional, flags).validate()  # bad settings fail here, once
+        nodes = int(str(args.nnodes or "1").split(":")[0])
+        check_world(config, World(0, args.nproc_per_node * nodes, 0))
+        output = Path(config.output)
+        code = launch_torchrun(args, args.argv)
+        if code and run_state(output) == "preempted":
+            sys.stderr.write(f"stopped with a checkpoint in {output}; continue with the same command plus --resume "
+                             "(on any number of processes)\n")
+            return EXIT_PREEMPTED
+        return code
     if has_stages(path):  # continued pre-training then instruction tuning, one stage after another
         try:
             run_stages(path, positional, overwrite=args.overwrite, flags=flags, resume=args.resume,
@@ -386,7 +452,9 @@ COMMANDS = {"train": cmd_train, "advise": cmd_advise, "eval": cmd_eval, "compare
 def main(argv: list[str] | None = None) -> int:
     from finesmith.core.console import quiet_libraries
 
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv
     quiet_libraries()
     try:
         code = COMMANDS[args.command](args)

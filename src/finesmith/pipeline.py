@@ -35,6 +35,7 @@ from finesmith.model.methods import (Method, apply_method, check_method_supporte
                                      keep_trained_in_fp32, load_base_model, load_for_inference, trained_in_full)
 from finesmith.model.attention import resolve_attention, use_varlen
 from finesmith.run import RunRecord, versions, write_record
+from finesmith.train import distributed
 from finesmith.train.auto import resolve_auto
 from finesmith.train.loop import LoopSettings, Preempted, TrainResult, fit, seed_everything, steps_per_epoch
 from finesmith.train.optim import check_optimizer_supported
@@ -74,13 +75,19 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     check_optimizer_supported(config.optimizer)
     check_trackers_installed(config.report_to)
     output = Path(config.output)
+    world = distributed.world_from_env()
+    check_world(config, world)
+    if not world.main:
+        console.quiet = True  # rank 0 speaks for the run
     previous = find_resume_checkpoint(output, extend) if resume else None
     if previous:
         console.print(f"resuming from {previous[1]}")
-    tokenizer, added_tokens = load_chat_tokenizer(config.model, notify=console.print)
-    hermes = apply_tool_format(tokenizer, config.tool_format)
-    train_data = prepare_data(tokenizer, config.data.path, config, "train")
-    eval_data = prepare_data(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
+    with distributed.one_at_a_time("prepare-data"):  # the first rank tokenizes, the others read its cache
+        tokenizer, added_tokens = load_chat_tokenizer(config.model, notify=console.print)
+        hermes = apply_tool_format(tokenizer, config.tool_format)
+        train_data = prepare_data(tokenizer, config.data.path, config, "train")
+        eval_data = prepare_data(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
+    device = distributed.init(world) if world.distributed else pick_device()
     config, chosen = resolve_auto(config, len(train_data.examples))
     if chosen:
         console.print("auto settings: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()) +
@@ -97,9 +104,10 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
         record.created = run.record.created
         settings = dataclasses.replace(settings, planned_steps=record.schedule["planned_steps"],
                                        warmup_steps=record.schedule["warmup_steps"], extensions=tuple(tuple(e) for e in record.schedule.get("extensions", [])))
-    else:
+    elif world.main:
         prepare_output(output, overwrite)
-    base = load_base_model(config, str(pick_device()))
+    distributed.barrier()
+    base = load_base_model(config, str(device))
     trained_config = fit_new_tokens(base, tokenizer, config, added_tokens)
     seed_everything(config.seed)  # adapter initialisation is random too
     model = keep_trained_in_fp32(apply_method(base, trained_config))
@@ -112,10 +120,12 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
                   f"×{config.grad_accum} {per_step} per step · lr {settings.lr:g}")
     record.method["trained_in_full"] = trained_in_full(model) or (["all"] if config.method == "full" else [])
     record.tokenizer["vocab_size"] = int(base.get_input_embeddings().num_embeddings)
-    write_record(output, record)
-    save_config(trained_config, output / "config.yaml")
+    record.world_size = world.size
+    if world.main:
+        write_record(output, record)
+        save_config(trained_config, output / "config.yaml")
     objective = method.objective(config.objective, config.preference)
-    attention = resolve_attention(config.attention, pick_device())
+    attention = resolve_attention(config.attention, device)
     if attention == "varlen" and (config.objective != "sft" or method.layout != "packed"):
         attention = "dense"  # preference tries need their ancestor masks; virtual tokens need padded rows
     if attention == "varlen":
@@ -133,24 +143,42 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
                      on_eval=sample_writer(tokenizer, config, output), run_config=trained_config.to_dict())
     except Preempted as stopped:
         record.state, record.result = "preempted", {"steps": stopped.step, "checkpoint": str(stopped.checkpoint)}
-        write_record(output, record)
+        if world.main:
+            write_record(output, record)
         raise
     except BaseException as exc:
         record.state, record.error = "failed", (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        write_record(output, record)
+        if world.main:
+            write_record(output, record)
         raise
     if attention == "varlen":  # saved models load with the standard attention
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
-    save_model(model, tokenizer, output)
+    if world.main:
+        save_model(model, tokenizer, output)
     record.state, record.resumable = "finished", not result.restored_best
     record.result = {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                      "best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
                      "restored_best": result.restored_best, "stopped_early": result.stopped_early,
                      "skipped_steps": result.skipped_steps, "seconds": round(result.seconds, 2),
                      "tokens_per_second": round(result.tokens_per_second, 1)}
-    write_record(output, record)
-    report_outcome(result, output)
+    if world.main:
+        write_record(output, record)
+        report_outcome(result, output)
+    distributed.finish()
     return TrainOutcome(output, result, trainable, total)
+
+
+def check_world(config: TrainConfig, world: distributed.World) -> None:
+    """Refuse settings that cannot give every rank its share of each micro-batch."""
+    if not world.distributed:
+        return
+    if config.packing:
+        raise FinesmithError(f"packing: true gives one bin per micro-batch, which cannot be split over {world.size} "
+                             "processes; set packing: false (batches are packed padding-free anyway)")
+    if isinstance(config.batch_size, int) and config.batch_size < world.size:
+        raise FinesmithError(f"batch_size {config.batch_size} is smaller than the {world.size} processes: every "
+                             f"process needs at least one example per micro-batch; set batch_size to {world.size} "
+                             "or more (it is the global micro-batch)")
 
 
 def with_reference(model: Any, data: PreparedData, collate: Any, config: TrainConfig) -> list[Any]:

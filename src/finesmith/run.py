@@ -62,6 +62,7 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
     resumable: bool = True
+    world_size: int = 1  # processes that trained it (a checkpoint resumes on any number)
     error: str | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)

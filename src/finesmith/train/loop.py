@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import random
 import signal
 import time
@@ -27,6 +28,7 @@ from finesmith.data.tokenize import TokenizedExample
 from finesmith.errors import FinesmithError
 from finesmith.train.checkpoint import (TrainerState, latest_checkpoint, load_best, load_checkpoint, save_best,
                                         save_checkpoint)
+from finesmith.train import distributed
 from finesmith.train.objectives import sft_loss
 from finesmith.train.optim import build_optimizer, warmup_cosine
 from finesmith.train.tracking import MetricsLog
@@ -138,6 +140,11 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
+# Set to a step number, the run stops after that step as if a stop signal had come (on the
+# rank it is set for; the others agree): to rehearse preemption and resumption.
+STOP_AFTER_ENV = "FINESMITH_STOP_AFTER_STEP"
+
+
 class StopSignal:
     """Within `with StopSignal() as stop:`, SIGTERM/SIGINT set `stop.requested` instead of killing.
 
@@ -199,7 +206,9 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
         A TrainResult. Raises Preempted after saving a checkpoint when a stop signal arrives.
     """
     device = next(model.parameters()).device
+    world = distributed.current()
     seed_everything(settings.seed)
+    trained = distributed.wrap(model, device) if world.distributed else model  # DDP: gradients averaged
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.optimizer,
                                 settings.embedding_lr_ratio)
     scheduler = warmup_cosine(optimizer, settings.planned_steps or settings.total_steps, settings.warmup_steps,
@@ -207,11 +216,18 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     state = TrainerState(step=0, micro_batches=0)
     if resume:
         state = load_checkpoint(latest_checkpoint(output), model, optimizer, scheduler)
+    # Global micro-batches (the same on any world size); each rank collates its own share.
     stream = itertools.islice(micro_batches(train, settings), state.micro_batches, None)
-    log = MetricsLog(output, list(settings.report_to), run_config or {}, state.step if resume else None)
+    log = (MetricsLog(output, list(settings.report_to), run_config or {}, state.step if resume else None)
+           if world.main else distributed.NoLog())
 
     def save(with_optimizer: bool = True) -> Path:
-        return save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints, with_optimizer)
+        path = None
+        if world.main:  # the replicas are identical: one checkpoint, written once
+            path = save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints,
+                                   with_optimizer)
+        distributed.barrier()
+        return path or latest_checkpoint(output)
 
     result = TrainResult(state.step, float("nan"), state.eval_loss, 0.0, 0.0, skipped_steps=state.bad_steps)
     window, started, all_tokens = _Window(), time.perf_counter(), 0
@@ -220,10 +236,10 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
         with _progress() as progress, StopSignal() as stop:
             task = progress.add_task("training", total=settings.total_steps, completed=state.step, info="")
             while state.step < settings.total_steps:
-                batches = [collate(next(stream)) for _ in range(settings.grad_accum)]
+                batches = [collate(distributed.shard(next(stream), world)) for _ in range(settings.grad_accum)]
                 state.step += 1
                 state.micro_batches += settings.grad_accum
-                loss, grad_norm, tokens, real = train_step(model, batches, objective, optimizer, settings, device)
+                loss, grad_norm, tokens, real = train_step(trained, batches, objective, optimizer, settings, device)
                 scheduler.step()
                 all_tokens += real
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -238,19 +254,23 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
                                                     task, settings)
                     window = _Window()
                 if eval_set and ((settings.eval_every and state.step % settings.eval_every == 0) or last):
-                    _evaluate(model, eval_set, settings, objective, collate, state, log, on_eval, output)
+                    _evaluate(model, eval_set, settings, objective, collate, state, log,
+                              on_eval if world.main else None, output)
                     result.eval_loss = state.eval_loss
                     result.stopped_early = bool(settings.early_stopping_patience and
                                                 state.evals_without_improvement >= settings.early_stopping_patience)
                 if (last or result.stopped_early) and _should_restore_best(settings, state):
                     result.restored_best = restore_best(output, model, state, log)
-                if last or result.stopped_early or stop.requested or (
+                if STOP_AFTER_ENV in os.environ and state.step == int(os.environ[STOP_AFTER_ENV]):
+                    stop.requested = stop.requested or STOP_AFTER_ENV  # a rehearsed preemption
+                stopping = distributed.any_rank(bool(stop.requested), device) if world.distributed else stop.requested
+                if last or result.stopped_early or stopping or (
                         settings.save_every and state.step % settings.save_every == 0):
                     # Rewound weights cannot be continued, so their checkpoint carries no optimizer state.
                     result.checkpoint = save(with_optimizer=not result.restored_best)
                 state.eval_loss = None
                 progress.advance(task)
-                if stop.requested and not last:
+                if stopping and not last:
                     raise Preempted(state.step, result.checkpoint)
                 if result.stopped_early:
                     log.write({"step": state.step, "early_stop": f"no eval improvement in "
@@ -270,26 +290,40 @@ def train_step(model: Any, batches: list[dict[str, Any]], objective: Objective,
                device: torch.device) -> tuple[float, float, int, int]:
     """One optimizer step over `batches`; skipped when the loss or gradient is not finite.
 
+    Under DistributedDataParallel (`model` is the DDP wrapper) `batches` are this rank's
+    share: the divisor is the step's count summed over all ranks, each loss is scaled by the
+    world size because DDP averages the gradients, and only the step's last backward
+    synchronises them.
+
     Returns:
-        (mean loss per counted unit, gradient norm before clipping, units counted, real tokens).
-        The counted unit is the objective's: supervised tokens for SFT, pairs (or feedback
-        examples) for the preference objectives.
+        (mean loss per counted unit, gradient norm before clipping, units counted, real tokens),
+        over all ranks. The counted unit is the objective's: supervised tokens for SFT, pairs
+        (or feedback examples) for the preference objectives.
     """
-    step_count = sum(batch_count(b) for b in batches)
+    world = distributed.current()
+    local_count = sum(batch_count(b) for b in batches)
+    step_count = int(distributed.sum_all(local_count, device)) if world.distributed else local_count
     step_loss = torch.zeros((), device=device)
-    for unit in forward_units(batches, device):
-        with autocast(device, settings.precision):
-            loss_sum, _ = objective(model, to_device(unit, device))
-        (loss_sum / max(1, step_count)).backward()
+    units = forward_units(batches, device)
+    for i, unit in enumerate(units):
+        syncing = not world.distributed or i == len(units) - 1
+        with contextlib.nullcontext() if syncing else model.no_sync():
+            with autocast(device, settings.precision):
+                loss_sum, _ = objective(model, to_device(unit, device))
+            (loss_sum * world.size / max(1, step_count)).backward()
         step_loss += loss_sum.detach()
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    real = sum(real_tokens(b) for b in batches)
+    if world.distributed:
+        step_loss = torch.tensor(distributed.sum_all(float(step_loss), device), device=device)
+        real = int(distributed.sum_all(real, device))
     # One host sync per step: whether to apply the update must be known before applying it.
     loss, norm = torch.stack([step_loss / max(1, step_count), grad_norm.to(step_loss.device)]).tolist()
     if math.isfinite(loss) and math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, norm, step_count, sum(real_tokens(b) for b in batches)
+    return loss, norm, step_count, real
 
 
 def batch_count(batch: dict[str, Any]) -> int:
@@ -364,7 +398,9 @@ def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSe
     if state.best_eval_loss is None or loss < state.best_eval_loss:
         state.best_eval_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
         if settings.early_stopping_patience:
-            save_best(output, model, state)
+            if distributed.current().main:
+                save_best(output, model, state)
+            distributed.barrier()  # every rank may restore these weights later
     else:
         state.evals_without_improvement += 1
     log.write({"step": state.step, "eval_loss": round(loss, 5),
@@ -428,4 +464,4 @@ def evaluate_metrics(model: Any, examples: Sequence[Any], batch_size: int,
 
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not distributed.current().main)
