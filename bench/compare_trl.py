@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,9 @@ def peak_memory_mib(device: str) -> float:
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from finesmith.advise.measure import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20  # this worker's own peak (VmHWM: not inherited from the parent)
 
 
 def run_finesmith(spec: dict) -> dict:

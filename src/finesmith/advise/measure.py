@@ -68,10 +68,24 @@ def measure_here(model: str, method: str, max_length: int, batch_size: int, step
     elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
     step_times = sorted(b - a for a, b in zip(elapsed, elapsed[1:])) or [elapsed[0]]
     tokens = outcome.result.tokens_per_second * outcome.result.seconds / steps
+    return Measurement(peak_rss_bytes(), step_times[len(step_times) // 2], tokens)
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory.
+
+    On Linux `ru_maxrss` survives `exec`: a measuring process forked from a large parent
+    (a test runner, or a CLI that has loaded a model) would report the parent's size when
+    its own peak is lower. `VmHWM` belongs to the process image, so it starts afresh.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
-    return Measurement(peak_bytes, step_times[len(step_times) // 2], tokens)
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes
 
 
 def measure_in_subprocess(model: str, method: str, max_length: int, batch_size: int = 1, steps: int = 3,
