@@ -166,8 +166,7 @@ def main() -> None:
     # bf16 on this CPU is emulated (about 125x slower matrix products), so it runs on a small
     # subset, against fp32 on the same subset
     subset = examples[:args.half_examples]
-    fp32_subset, _ = evaluation(model, tokenizer, subset, pool, 0)
-    _, fp32_result = evaluation(model, tokenizer, subset, pool, 0)
+    fp32_subset, fp32_result = evaluation(model, tokenizer, subset, pool, 0)
     model.to(torch.bfloat16)
     value, result = evaluation(model, tokenizer, subset, pool, 0)
     model.to(torch.float32)

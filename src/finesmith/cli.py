@@ -87,7 +87,7 @@ def build_parser() -> Parser:
     cmp.add_argument("--data", required=True, help="held-out file shared by every approach")
     cmp.add_argument("--output", required=True, metavar="DIR", help="report folder")
     add_eval_options(cmp)
-    cmp.add_argument("--shots", type=shot_list, default=None, metavar="K[,K...]",
+    cmp.add_argument("--shots", type=shot_list, default=None, metavar="K[,K...]", dest="shot_sweep",
                      help="k to sweep for the base model, e.g. 1,4,8 (the default with --shots-from); zero-shot always "
                           "runs, and the verdict uses the best prompting result")
 
@@ -163,7 +163,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
     """The evaluation flags as an `EvalOptions`."""
     from finesmith.evaluate.tasks import EvalOptions
 
-    return EvalOptions(task=args.task, shots=args.shots if isinstance(args.shots, int) else 0,
+    return EvalOptions(task=args.task, shots=getattr(args, "shots", 0),
                        shot_strategy=args.shot_strategy, shot_format=args.shot_format, fixed_shots=not args.vary_shots,
                        max_prompt_tokens=args.max_prompt_tokens, scoring=args.scoring, seed=args.seed,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, precision=args.precision)
@@ -353,7 +353,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from finesmith.core.console import console
 
     compare(args.data, args.base, args.runs, Path(args.output), args.shots_from, eval_options(args), args.limit,
-            args.shots)
+            args.shot_sweep)
     console.print(f"report written to {Path(args.output) / 'report.md'} and {Path(args.output) / 'report.html'}")
 
 

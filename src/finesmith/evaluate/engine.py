@@ -27,12 +27,15 @@ the results equal computing each prompt alone (tested).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from finesmith.data.pairs import ancestor_mask
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth its own forward
 
@@ -55,12 +58,11 @@ class Continuations:
 
     def child(self, node: int, token: int) -> int | None:
         """The node for `token` right after `node`, if the trie has one."""
-        return self._children().get((node, token))
+        return self._children.get((node, token))
 
+    @functools.cached_property
     def _children(self) -> dict[tuple[int, int], int]:
-        if not hasattr(self, "_index"):
-            self._index = {(p, t): i for i, (p, t) in enumerate(zip(self.parents, self.ids))}
-        return self._index
+        return {(p, t): i for i, (p, t) in enumerate(zip(self.parents, self.ids))}
 
 
 def continuation_trie(prompt: Sequence[int], rendered: Sequence[tuple[Sequence[int], Sequence[bool]]]
@@ -240,11 +242,7 @@ class PromptEngine:
             if n:
                 ids[r, :n] = torch.tensor(trie.ids)
                 positions[r, :n] = torch.tensor(trie.depth) + prompt_len[r]
-                own = mask[r, 0, :, before:]
-                for i, parent in enumerate(trie.parents):
-                    if parent >= 0:
-                        own[i] = own[parent]
-                    own[i, i] = True
+                mask[r, 0, :n, before:before + n] = ancestor_mask([trie.parents])
             for i in range(n, depth):  # padding nodes: see only themselves (no row may see nothing)
                 mask[r, 0, i, :] = False
                 mask[r, 0, i, before + i] = True

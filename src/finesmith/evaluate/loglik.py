@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from finesmith.data.pairs import ancestor_mask as trie_mask
 from finesmith.data.tokenize import tokens_and_mask
 from finesmith.evaluate.generate import eval_progress
 
@@ -72,16 +73,7 @@ def build_trie(tokenizer: Any, messages: Sequence[dict[str, Any]], candidates: S
 
 def ancestor_mask(tries: Sequence[TokenTrie]) -> torch.Tensor:
     """`[T, T]` bool: each token sees itself and its ancestors in its own trie, nothing else."""
-    total = sum(len(t.ids) for t in tries)
-    mask = torch.zeros(total, total, dtype=torch.bool)
-    offset = 0
-    for trie in tries:
-        for i, parent in enumerate(trie.parents):
-            if parent >= 0:
-                mask[offset + i] = mask[offset + parent]
-            mask[offset + i, offset + i] = True
-        offset += len(trie.ids)
-    return mask
+    return trie_mask([trie.parents for trie in tries])
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from finesmith.evaluate.stats import BOOTSTRAP_RESAMPLES, mean_interval, wilson_interval
+from finesmith.evaluate.stats import BOOTSTRAP_RESAMPLES, mean_interval, percentile_interval, wilson_interval
 
 OTHER = "(other)"
 
@@ -85,9 +85,7 @@ def macro_f1_interval(references: Sequence[int], predictions: Sequence[int], n_l
     recall = np.divide(true_pos, support, out=np.zeros(true_pos.shape), where=support > 0)
     total = precision + recall
     f1 = np.divide(2 * precision * recall, total, out=np.zeros(true_pos.shape), where=total > 0)
-    values = np.sort(f1.mean(axis=1))
-    return (float(values[int(np.floor(0.025 * (resamples - 1)))]),
-            float(values[int(np.ceil(0.975 * (resamples - 1)))]))
+    return percentile_interval(f1.mean(axis=1))
 
 
 def answer_tokens(text: str) -> list[str]:

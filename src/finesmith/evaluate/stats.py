@@ -16,8 +16,7 @@
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -35,16 +34,13 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_interval(statistic: Callable[[Sequence[int]], float], n: int, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic(indices)` over n examples resampled with replacement."""
-    if n <= 0:
-        return 0.0, 0.0
-    rng = random.Random(seed)
-    values = sorted(statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
-    low = values[int(math.floor((1 - level) / 2 * (resamples - 1)))]
-    high = values[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
-    return low, high
+def percentile_interval(values: Any) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of bootstrap statistics (any 1-D array-like)."""
+    import numpy as np
+
+    ordered = np.sort(np.asarray(values, dtype=float))
+    last = len(ordered) - 1
+    return float(ordered[int(math.floor(0.025 * last))]), float(ordered[int(math.ceil(0.975 * last))])
 
 
 def mean_interval(values: Sequence[float], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
@@ -55,8 +51,8 @@ def mean_interval(values: Sequence[float], seed: int = 0, resamples: int = BOOTS
     if not values:
         return 0.0, 0.0
     data = np.asarray(values, dtype=float)
-    means = np.sort(data[np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))].mean(axis=1))
-    return (float(means[int(np.floor(0.025 * (resamples - 1)))]), float(means[int(np.ceil(0.975 * (resamples - 1)))]))
+    return percentile_interval(data[np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))]
+                               .mean(axis=1))
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
