@@ -221,7 +221,14 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
     return True
 
 
+def idle(engine) -> bool:
+    """No request running or waiting: counts read now are not still moving from an earlier test."""
+    status = engine.status()
+    return not status["running"] and not status["waiting"]
+
+
 def test_a_streaming_client_that_leaves_cancels_its_generation(client, engine) -> None:
+    assert wait_for(lambda: idle(engine))
     before = engine.status()
     messages = [{"role": "user", "content": "Say hello."}]
     stream = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=LONG, temperature=0,
@@ -238,6 +245,7 @@ def test_a_streaming_client_that_leaves_cancels_its_generation(client, engine) -
 def test_a_client_that_gives_up_on_a_plain_request_cancels_it(server, engine) -> None:
     from openai import APITimeoutError, OpenAI
 
+    assert wait_for(lambda: idle(engine))
     before = engine.status()
     impatient = OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=0.3)
     with pytest.raises(APITimeoutError):
