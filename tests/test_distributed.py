@@ -105,3 +105,38 @@ def test_settings_that_cannot_be_split_are_refused_before_launching(tiny_model, 
                      "--batch-size", "1", "--nproc-per-node", "2", "--max-steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "batch_size 1 is smaller than the 2 processes" in err and "Traceback" not in err
+
+
+def test_fsdp_full_fine_tuning_equals_one_rank_and_resumes_across_world_sizes(tiny_model, tmp_path, monkeypatch):
+    """Full fine-tuning shards with FSDP2 (parallelism: auto). 13 examples in micro-batches of 4
+    end the epoch (step 4) with a micro-batch of 1, so one rank's share is empty there and it
+    must still take part in every collective."""
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA + QA[:1]])
+    full = ("--method", "full", "--lr", "1e-3")
+    one = tmp_path / "one"
+    assert in_process(train_args(tiny_model, data, one, *full), monkeypatch) == 0
+
+    # 2 FSDP2 ranks, stopped after step 2: the same losses and gradient norms as 1 rank, one
+    # sharded checkpoint (one file per rank), written once
+    cut = tmp_path / "cut"
+    done = launch(train_args(tiny_model, data, cut, *full), stop_after=2)
+    assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
+    assert json.loads((cut / "run.json").read_text())["parallelism"] == "fsdp"
+    for a, b in zip(metrics(one)[:2], metrics(cut), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-2"]
+    assert sorted(p.name for p in (cut / "checkpoints/step-2/sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    # 2 ranks -> 1 process: the shards are put back together, and training continues as if never cut
+    assert in_process(train_args(tiny_model, data, cut, *full, "--resume"), monkeypatch) == 0
+    assert [m["loss"] for m in metrics(cut)] == pytest.approx([m["loss"] for m in metrics(one)], rel=1e-5)
+    assert_close(load_file(cut / "model.safetensors"), load_file(one / "model.safetensors"))
+
+    # 1 process -> 2 FSDP2 ranks: the checkpoint is sharded on load; the full weights are gathered once at the end
+    single_cut = tmp_path / "single-cut"
+    assert in_process(train_args(tiny_model, data, single_cut, *full), monkeypatch, stop_after=2) == EXIT_PREEMPTED
+    done = launch(train_args(tiny_model, data, single_cut, *full, "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [m["loss"] for m in metrics(single_cut)] == pytest.approx([m["loss"] for m in metrics(one)], rel=1e-5)
+    assert_close(load_file(single_cut / "model.safetensors"), load_file(one / "model.safetensors"))
+    assert cli_main(["eval", "--model", str(single_cut), "--data", data, "--max-new-tokens", "2"]) == 0

@@ -236,7 +236,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tiny_model, qa
     out = tmp_path / "run"
     process = run_in_subprocess(tiny_model, qa_files[0], out, env={PAUSE_ENV: "4"})
     root = out / "checkpoints"
-    wait_for(lambda: any((p / "trainer_state.json").is_file() for p in root.glob(".tmp-step-4-*")), process)
+    wait_for(lambda: any((p / "trainer_state.json").is_file() for p in root.glob(".tmp-step-4")), process)
     process.kill()
     process.communicate(timeout=60)
     assert [s for s, _ in list_checkpoints(out)] == [2]

@@ -147,7 +147,7 @@ def test_batch8_accum1_equals_batch1_accum8(tiny_model, kind):
         batches = [pack_groups(groups[i:i + batch_size], 512) for i in range(0, 8, batch_size)]
         step_count = sum(batch_count(b) for b in batches)
         assert step_count == 8  # groups are counted, not tokens
-        for unit in forward_units(batches, torch.device("cpu")):
+        for unit, _ in forward_units(batches, torch.device("cpu")):
             (objective(model, unit)[0] / step_count).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:

@@ -23,6 +23,7 @@ from finesmith.errors import FinesmithError
 METHODS = ("full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "ia3")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+PARALLELISM = ("auto", "ddp", "fsdp")
 AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
 TOOL_FORMATS = ("template", "hermes")  # see finesmith.data.tool_templates
@@ -134,6 +135,9 @@ class TrainConfig:
     # auto: varlen on CUDA with PyTorch's kernel, dense elsewhere
     attention: str = "auto"  # auto | dense | varlen
     compile: bool = False  # torch.compile the model body (dynamic shapes: packed lengths do not recompile)
+    # several processes: ddp (replicas, gradients all-reduced) or fsdp (FSDP2 fully_shard: weights, gradients
+    # and optimizer state sharded); auto: fsdp for full fine-tuning, ddp for adapters
+    parallelism: str = "auto"  # auto | ddp | fsdp
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (the 8-bit ones need CUDA + bitsandbytes)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow (metrics.jsonl always)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -173,6 +177,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("attention", self.attention, ("auto", "dense", "varlen"))
+        _choice("parallelism", self.parallelism, PARALLELISM)
         if self.precision == "fp16":
             raise FinesmithError("config: `precision: fp16` trains only with loss scaling, which finesmith does not do; "
                                  "use bf16 (GPUs since Ampere) or fp32")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from finesmith.config import PREFERENCE_OBJECTIVES, TrainConfig, save_config
+from finesmith.config import PREFERENCE_OBJECTIVES, PROMPT_METHODS, TrainConfig, save_config
 from finesmith.core.console import console
 from finesmith.core.device import pick_device
 from finesmith.core.templates import stop_token_ids
@@ -120,7 +120,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
                   f"×{config.grad_accum} {per_step} per step · lr {settings.lr:g}")
     record.method["trained_in_full"] = trained_in_full(model) or (["all"] if config.method == "full" else [])
     record.tokenizer["vocab_size"] = int(base.get_input_embeddings().num_embeddings)
-    record.world_size = world.size
+    record.world_size, record.parallelism = world.size, settings.parallelism
     if world.main:
         write_record(output, record)
         save_config(trained_config, output / "config.yaml")
@@ -153,8 +153,9 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
         raise
     if attention == "varlen":  # saved models load with the standard attention
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
-    if world.main:
-        save_model(model, tokenizer, output)
+    gathered = distributed.gathered_weights(model, trainable_only=False) if distributed.is_sharded(model) else None
+    if world.main:  # under FSDP2 the full weights were gathered to rank 0, once
+        save_model(model, tokenizer, output, gathered)
     record.state, record.resumable = "finished", not result.restored_best
     record.result = {"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
                      "best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
@@ -169,12 +170,19 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
 
 
 def check_world(config: TrainConfig, world: distributed.World) -> None:
-    """Refuse settings that cannot give every rank its share of each micro-batch."""
+    """Refuse settings that cannot give every rank its share of each micro-batch, or cannot shard."""
     if not world.distributed:
         return
     if config.packing:
         raise FinesmithError(f"packing: true gives one bin per micro-batch, which cannot be split over {world.size} "
                              "processes; set packing: false (batches are packed padding-free anyway)")
+    mode = distributed.parallelism(config.parallelism, config.method, world)
+    if mode == "fsdp" and config.optimizer != "adamw":
+        raise FinesmithError(f"optimizer {config.optimizer} keeps state FSDP2 cannot shard; use optimizer: adamw "
+                             "with parallelism: fsdp (its state is sharded anyway), or parallelism: ddp")
+    if mode == "fsdp" and config.method in PROMPT_METHODS:
+        raise FinesmithError(f"method {config.method} trains a few virtual tokens: there is nothing to shard; "
+                             "use parallelism: ddp (or auto)")
     if isinstance(config.batch_size, int) and config.batch_size < world.size:
         raise FinesmithError(f"batch_size {config.batch_size} is smaller than the {world.size} processes: every "
                              f"process needs at least one example per micro-batch; set batch_size to {world.size} "
@@ -363,7 +371,8 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> Loo
         save_every=config.save_every, keep_checkpoints=config.keep_checkpoints, max_bad_steps=config.max_bad_steps,
         early_stopping_patience=config.early_stopping_patience, optimizer=config.optimizer,
         embedding_lr_ratio=config.embedding_lr_ratio, precision=config.precision,
-        report_to=tuple(config.report_to))
+        report_to=tuple(config.report_to),
+        parallelism=distributed.parallelism(config.parallelism, config.method, distributed.world_from_env()))
 
 
 def compile_body(model: Any) -> None:
@@ -415,9 +424,10 @@ def as_conversation(example: Any) -> Any:
     return example
 
 
-def save_model(model: Any, tokenizer: Any, output: Path) -> None:
-    """Adapter (PEFT) or full weights as safetensors, plus the tokenizer and stop tokens."""
-    model.save_pretrained(output, safe_serialization=True)
+def save_model(model: Any, tokenizer: Any, output: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Adapter (PEFT) or full weights as safetensors (`state_dict`: the gathered weights of a
+    sharded model), plus the tokenizer and stop tokens."""
+    model.save_pretrained(output, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(output)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.generation_config is not None and not hasattr(model, "peft_config"):

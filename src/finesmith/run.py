@@ -63,6 +63,7 @@ class RunRecord:
     result: dict[str, Any] = field(default_factory=dict)
     resumable: bool = True
     world_size: int = 1  # processes that trained it (a checkpoint resumes on any number)
+    parallelism: str = "none"  # none (one process) | ddp | fsdp
     error: str | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)

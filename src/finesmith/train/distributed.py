@@ -5,8 +5,12 @@
 --nproc-per-node N` starts `torchrun` for the user. Each process then:
 
 - joins the process group (NCCL on CUDA, gloo on CPU) and uses `cuda:LOCAL_RANK` or the CPU;
-- wraps the model in `DistributedDataParallel` (the gradients are averaged by DDP's own
-  bucketed all-reduce, overlapped with the backward pass);
+- wraps the model in `DistributedDataParallel` (adapters, small models: a replica per rank,
+  gradients averaged by DDP's bucketed all-reduce, overlapped with the backward pass), or
+  shards it with FSDP2 `fully_shard` (full fine-tuning: each decoder block's weights,
+  gradients and optimizer state split over the ranks, gathered block by block for the
+  forward and backward passes). `parallelism: auto|ddp|fsdp` chooses; `auto` is FSDP2 for
+  `method: full` and DDP otherwise;
 - takes a disjoint, deterministic share of every step's examples: micro-batch `i` of the
   step holds the same examples whatever the world size, and rank `r` trains on examples
   `r, r + N, r + 2N, ...` of it. The data position is counted in these global micro-batches,
@@ -14,8 +18,10 @@
 - divides the loss by the step's supervised tokens summed over all ranks (one all-reduce per
   step), so N ranks × micro-batch b equals 1 rank × micro-batch N·b in loss and gradients.
 
-Only rank 0 writes: the run record, `metrics.jsonl`, checkpoints, samples and the final
-weights (the replicas are identical). A stop signal on any rank is agreed on by all ranks
+Only rank 0 writes the run record, `metrics.jsonl`, samples and the final weights (under
+FSDP2 the full weights are gathered to rank 0 once, at the end). Checkpoints go through
+`torch.distributed.checkpoint` (see `checkpoint.py`): every rank writes its shard, and a
+checkpoint loads on any number of processes and either parallelism. A stop signal on any rank is agreed on by all ranks
 at the end of the step, so every rank stops after the same step, with one checkpoint.
 """
 
@@ -89,11 +95,82 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`model` under DistributedDataParallel (the module itself stays what callers save and evaluate)."""
+def parallelism(choice: str, method: str, world: World) -> str:
+    """`none` for one process; otherwise the config's choice, `auto` being fsdp for full fine-tuning."""
+    if not world.distributed:
+        return "none"
+    if choice == "auto":
+        return "fsdp" if method == "full" else "ddp"
+    return choice
+
+
+def wrap(model: torch.nn.Module, device: torch.device, mode: str = "ddp", bf16: bool = False) -> torch.nn.Module:
+    """What the loop runs forward and backward through.
+
+    `ddp`: a DistributedDataParallel wrapper (the module itself stays what callers save and
+    evaluate). `fsdp`: the module itself, sharded in place by FSDP2: every decoder block
+    (the model's `_no_split_modules`) is one unit, the rest (embeddings, final norm, head,
+    tied or not) the root unit. With `bf16` the gathered weights are bf16 and gradients are
+    reduced in fp32, while the sharded masters and optimizer state stay fp32.
+    """
+    if mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        options = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        blocks = set(getattr(inner, "_no_split_modules", None) or ())
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, **options)
+        fully_shard(model, **options)
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is (or contains) an FSDP2 unit: its parameters are DTensor shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, on: bool):
+    """Within it, backward passes synchronise gradients across ranks only when `on` (the step's
+    last micro-batch); the others accumulate locally (DDP `no_sync`, FSDP2 `set_requires_gradient_sync`)."""
+    if on:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a plain tensor as it is), e.g. the gradient norm over shards."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def gathered_weights(model: torch.nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights on rank 0's CPU, `{}` on the other ranks. A collective under
+    FSDP2: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    weights = get_model_state_dict(model, options=options)
+    # A tied weight (an LM head sharing the embedding) appears under both names; keep the one
+    # `named_parameters` keeps, as `save_pretrained` of an unsharded model does.
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in weights.items() if k in names}
 
 
 class NoLog:
@@ -142,6 +219,18 @@ def sum_all(value: float | int, device: torch.device) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item())
+
+
+def max_all(value: int, device: torch.device) -> int:
+    """The largest `value` over every rank (itself outside a process group)."""
+    world = current()
+    if not world.distributed:
+        return int(value)
+    import torch.distributed as dist
+
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

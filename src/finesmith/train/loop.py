@@ -66,6 +66,7 @@ class LoopSettings:
     precision: str = "auto"  # auto | fp32 | bf16: autocast dtype (see finesmith.core.device.training_precision)
     flops_per_token: float = 0.0  # with peak_flops: model FLOPs utilisation in the log (GPUs)
     peak_flops: float = 0.0
+    parallelism: str = "ddp"  # ddp | fsdp, with several processes (see finesmith.train.distributed.parallelism)
 
 
 @dataclass
@@ -208,7 +209,20 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     device = next(model.parameters()).device
     world = distributed.current()
     seed_everything(settings.seed)
-    trained = distributed.wrap(model, device) if world.distributed else model  # DDP: gradients averaged
+    if world.distributed:  # DDP: a wrapper averaging gradients; FSDP2: `model` itself, sharded in place
+        from finesmith.core.device import training_precision
+
+        trained = distributed.wrap(model, device, settings.parallelism,
+                                   bf16=training_precision(settings.precision, device) == "bf16")
+    else:
+        trained = model
+    sharded = distributed.is_sharded(model)
+    if sharded and on_eval is not None:
+        on_eval = None  # generating samples would need every rank in each forward pass
+        if world.main:
+            from finesmith.core.console import console
+
+            console.print("samples are not written under FSDP2 (eval loss is); evaluate the finished run instead")
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.optimizer,
                                 settings.embedding_lr_ratio)
     scheduler = warmup_cosine(optimizer, settings.planned_steps or settings.total_steps, settings.warmup_steps,
@@ -221,13 +235,8 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     log = (MetricsLog(output, list(settings.report_to), run_config or {}, state.step if resume else None)
            if world.main else distributed.NoLog())
 
-    def save(with_optimizer: bool = True) -> Path:
-        path = None
-        if world.main:  # the replicas are identical: one checkpoint, written once
-            path = save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints,
-                                   with_optimizer)
-        distributed.barrier()
-        return path or latest_checkpoint(output)
+    def save(with_optimizer: bool = True) -> Path:  # every rank: shards are written collectively, the rest once
+        return save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints, with_optimizer)
 
     result = TrainResult(state.step, float("nan"), state.eval_loss, 0.0, 0.0, skipped_steps=state.bad_steps)
     window, started, all_tokens = _Window(), time.perf_counter(), 0
@@ -236,7 +245,7 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
         with _progress() as progress, StopSignal() as stop:
             task = progress.add_task("training", total=settings.total_steps, completed=state.step, info="")
             while state.step < settings.total_steps:
-                batches = [collate(distributed.shard(next(stream), world)) for _ in range(settings.grad_accum)]
+                batches = [_share(next(stream), world, collate) for _ in range(settings.grad_accum)]
                 state.step += 1
                 state.micro_batches += settings.grad_accum
                 loss, grad_norm, tokens, real = train_step(trained, batches, objective, optimizer, settings, device)
@@ -290,10 +299,11 @@ def train_step(model: Any, batches: list[dict[str, Any]], objective: Objective,
                device: torch.device) -> tuple[float, float, int, int]:
     """One optimizer step over `batches`; skipped when the loss or gradient is not finite.
 
-    Under DistributedDataParallel (`model` is the DDP wrapper) `batches` are this rank's
-    share: the divisor is the step's count summed over all ranks, each loss is scaled by the
-    world size because DDP averages the gradients, and only the step's last backward
-    synchronises them.
+    With several processes `batches` are this rank's share: the divisor is the step's count
+    summed over all ranks, each loss is scaled by the world size because DDP and FSDP2 average
+    the gradients, and only the step's last backward synchronises them. Under FSDP2 every
+    forward pass is a collective, so every rank runs as many as the busiest rank (extra passes
+    count zero).
 
     Returns:
         (mean loss per counted unit, gradient norm before clipping, units counted, real tokens),
@@ -301,20 +311,23 @@ def train_step(model: Any, batches: list[dict[str, Any]], objective: Objective,
         (or feedback examples) for the preference objectives.
     """
     world = distributed.current()
-    local_count = sum(batch_count(b) for b in batches)
+    local_count = sum(batch_count(b) for b in batches if not b.get(EMPTY_SHARE))
     step_count = int(distributed.sum_all(local_count, device)) if world.distributed else local_count
     step_loss = torch.zeros((), device=device)
-    units = forward_units(batches, device)
-    for i, unit in enumerate(units):
-        syncing = not world.distributed or i == len(units) - 1
-        with contextlib.nullcontext() if syncing else model.no_sync():
+    sharded = world.distributed and distributed.is_sharded(model)
+    units = forward_units(batches, device, split=not sharded)
+    if sharded:
+        units += [(units[-1][0], 0.0)] * (distributed.max_all(len(units), device) - len(units))
+    for i, (unit, weight) in enumerate(units):
+        with distributed.gradient_sync(model, on=not world.distributed or i == len(units) - 1):
             with autocast(device, settings.precision):
                 loss_sum, _ = objective(model, to_device(unit, device))
+            loss_sum = loss_sum * weight
             (loss_sum * world.size / max(1, step_count)).backward()
         step_loss += loss_sum.detach()
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-    real = sum(real_tokens(b) for b in batches)
+    grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+    real = sum(real_tokens(b) for b in batches if not b.get(EMPTY_SHARE))
     if world.distributed:
         step_loss = torch.tensor(distributed.sum_all(float(step_loss), device), device=device)
         real = int(distributed.sum_all(real, device))
@@ -326,6 +339,18 @@ def train_step(model: Any, batches: list[dict[str, Any]], objective: Objective,
     return loss, norm, step_count, real
 
 
+# A rank whose share of a micro-batch is empty (the last, short micro-batch of an epoch) still
+# runs a pass, on a copy of the first example that counts zero, so no rank waits for it.
+EMPTY_SHARE = "empty_share"
+
+
+def _share(global_batch: list[TokenizedExample], world: distributed.World, collate: Collate) -> dict[str, Any]:
+    mine = distributed.shard(global_batch, world)
+    if mine:
+        return collate(mine)
+    return {**collate(global_batch[:1]), EMPTY_SHARE: True}
+
+
 def batch_count(batch: dict[str, Any]) -> int:
     """What the step's loss is divided by: the batch's `count`, else its supervised tokens."""
     return int(batch["count"]) if "count" in batch else int((batch["targets"] != IGNORE).sum())
@@ -335,23 +360,27 @@ def real_tokens(batch: dict[str, Any]) -> int:
     return int(batch["real_tokens"]) if "real_tokens" in batch else int(batch["seq_lens"].sum())
 
 
-def forward_units(batches: list[dict[str, Any]], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """What each forward/backward pass runs on.
+def forward_units(batches: list[dict[str, Any]], device: torch.device,
+                  split: bool = True) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """What each forward/backward pass runs on, with the weight of its loss (0 for an empty share).
 
     A batch that is already a list of units (preference groups) runs unit by unit. On CPU
-    the rows of a packed batch run one at a time: matrix products of a few hundred rows
-    already keep the cores busy, so the speed is the same and the activation memory falls
-    by the number of rows (SmolLM2-135M, 16 examples of ~200 tokens: ~5.7 GB of saved
-    activations in one pass, under 1 GB per row). On GPUs one pass over all rows is faster.
+    the rows of a packed batch run one at a time (unless `split` is False): matrix products
+    of a few hundred rows already keep the cores busy, so the speed is the same and the
+    activation memory falls by the number of rows (SmolLM2-135M, 16 examples of ~200 tokens:
+    ~5.7 GB of saved activations in one pass, under 1 GB per row). On GPUs one pass over all
+    rows is faster.
     """
-    out: list[dict[str, torch.Tensor]] = []
+    out: list[tuple[dict[str, torch.Tensor], float]] = []
     for batch in batches:
+        weight = 0.0 if batch.get(EMPTY_SHARE) else 1.0
         if "units" in batch:
-            out += batch["units"]
-        elif device.type != "cuda" and "row_lens" in batch:
-            out += split_rows(batch)
+            parts = batch["units"]
+        elif split and device.type != "cuda" and "row_lens" in batch:
+            parts = split_rows(batch)
         else:
-            out.append(batch)
+            parts = [batch]
+        out += [(part, weight) for part in parts]
     return out
 
 
@@ -398,8 +427,7 @@ def _evaluate(model: Any, eval_set: Sequence[TokenizedExample], settings: LoopSe
     if state.best_eval_loss is None or loss < state.best_eval_loss:
         state.best_eval_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
         if settings.early_stopping_patience:
-            if distributed.current().main:
-                save_best(output, model, state)
+            save_best(output, model, state)  # every rank: sharded weights are gathered for rank 0 to write
             distributed.barrier()  # every rank may restore these weights later
     else:
         state.evals_without_improvement += 1
@@ -448,7 +476,7 @@ def evaluate_metrics(model: Any, examples: Sequence[Any], batch_size: int,
     device = next(model.parameters()).device
     # A generator, so only one micro-batch's masks exist at a time.
     units = (to_device(u, device) for start in range(0, len(examples), batch_size)
-             for u in forward_units([collate(examples[start:start + batch_size])], device))
+             for u, _ in forward_units([collate(examples[start:start + batch_size])], device))
     measure = getattr(objective, "measure", None)
     if measure is not None:
         with autocast(device, precision):
