@@ -43,10 +43,57 @@ def test_memory_components_follow_the_method():
     assert full.components["optimizer"] == 8 * LLAMA_7B.params
     assert full.components["gradients"] == 4 * LLAMA_7B.params
     assert lora.components["gradients"] == 4 * LLAMA_7B.lora_params(16)
-    assert qlora.components["weights"] < lora.components["weights"] / 6
+    # CUDA: the frozen base in bf16, the adapters in fp32; NF4 is ~4x smaller still
+    assert lora.components["weights"] == 2 * LLAMA_7B.params + 4 * LLAMA_7B.lora_params(16)
+    assert qlora.components["weights"] < lora.components["weights"] / 3
     assert full.peak > lora.peak > qlora.peak
     eight_bit = estimate_memory(LLAMA_7B, RunShape("full", 2048, 1000, "cuda", optimizer="adamw_8bit"))
     assert eight_bit.components["optimizer"] == 2 * LLAMA_7B.params
+
+
+def test_several_gpus_shard_full_fine_tuning_and_replicate_adapters():
+    one = estimate_memory(LLAMA_7B, RunShape("full", 2048, 1000, "cuda"))
+    four = estimate_memory(LLAMA_7B, RunShape("full", 2048, 1000, "cuda", gpus=4, sharded=True))
+    for key in ("weights", "gradients", "optimizer"):  # FSDP2: a quarter of the state on each GPU
+        assert four.components[key] == pytest.approx(one.components[key] / 4, abs=1)
+    block = LLAMA_7B.linear_params // 32 + 2 * 4096
+    root = LLAMA_7B.params - 32 * block  # embeddings, LM head, final norm
+    assert four.components["gathered weights"] == 2 * (root + 2 * block)  # bf16 gathers on CUDA
+    assert four.components["activations"] == one.components["activations"]
+    ddp = estimate_memory(LLAMA_7B, RunShape("lora", 2048, 1000, "cuda", gpus=4))
+    lora = estimate_memory(LLAMA_7B, RunShape("lora", 2048, 1000, "cuda"))
+    assert ddp.components["weights"] == lora.components["weights"]  # a replica per GPU
+    assert ddp.peak == lora.peak + ddp.components["gradient buckets"]
+
+
+def test_more_gpus_shard_full_fine_tuning_and_are_named_instead_of_qlora():
+    import dataclasses
+
+    data = DataStats.synthetic(50_000, 512)
+    h100 = gpu(80, "NVIDIA H100 80GB HBM3")
+    single = plan(h100, LLAMA_7B, data, goal="max-quality")
+    assert not single.estimates["full"].fits and single.approach == "lora"
+    assert "full fine-tuning fits on 2 of these GPUs with FSDP" in single.scale_out
+    four = plan(dataclasses.replace(h100, gpus=4), LLAMA_7B, data, goal="max-quality")
+    assert four.approach == "full" and four.estimates["full"].parallelism == "fsdp"
+    assert four.estimates["lora"].parallelism == "ddp"
+    # time: the one-GPU time over 4 GPUs at the stated scaling efficiency
+    hours = [p.estimates["full"].time.seconds_per_epoch for p in (single, four)]
+    assert hours[1] == pytest.approx(hours[0] / (4 * 0.9)) and "over 4 GPUs" in four.estimates["full"].time.source
+    t4 = plan(gpu(16, "NVIDIA T4"), LLAMA_7B, DataStats.synthetic(5_000, 512))
+    assert t4.approach == "qlora" and "more GPUs instead of 4-bit weights: LoRA fits on 2" in t4.scale_out
+
+
+def test_advise_plans_for_several_gpus_and_writes_the_launch(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", "a") for i in range(10_000)])
+    out = tmp_path / "plan.yaml"
+    assert main(["advise", "--model", tiny_model, "--data", data, "--gpu-memory", "80", "--gpus", "4",
+                 "--goal", "max-quality", "--write-config", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 × GPU" in printed and "memory per GPU over 4 GPUs" in printed
+    assert "--nproc-per-node 4" in out.read_text() and load_config(str(out)).parallelism == "fsdp"
+    assert main(["advise", "--model", tiny_model, "--data", data, "--gpus", "2"]) == 2  # no GPU, no memory given
+    assert "--gpus plans for GPUs and this machine has none" in capsys.readouterr().err
 
 
 def test_checkpointing_and_supervised_logits_shrink_activations():

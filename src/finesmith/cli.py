@@ -433,6 +433,7 @@ def add_advise_command(sub: argparse._SubParsersAction) -> None:
     advise.add_argument("--task", choices=TASKS, default="generation", help="what the model must do (default generation)")
     advise.add_argument("--goal", choices=GOALS, default="balanced", help="quality vs cost (default balanced)")
     advise.add_argument("--gpu-memory", type=float, metavar="GB", help="plan for a GPU with this much memory")
+    advise.add_argument("--gpus", type=int, metavar="N", help="plan for N such GPUs (DDP/FSDP2; default: those detected)")
     advise.add_argument("--time-budget", type=float, metavar="H", help="longest acceptable training time in hours")
     advise.add_argument("--calibrate", action="store_true", help="time 3 real LoRA steps on this machine")
     advise.add_argument("--write-config", metavar="PATH", help="write a ready-to-run YAML config for the recommendation")
@@ -442,7 +443,7 @@ def cmd_advise(args: argparse.Namespace) -> None:
     from finesmith.advise.report import AdviseRequest, advise
 
     advise(AdviseRequest(args.model, args.data, args.task, args.goal, args.gpu_memory, args.time_budget,
-                         args.calibrate, args.write_config))
+                         args.calibrate, args.write_config, args.gpus))
 
 
 COMMANDS = {"train": cmd_train, "advise": cmd_advise, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data,

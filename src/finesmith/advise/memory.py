@@ -2,8 +2,9 @@
 
 Every term is arithmetic a reader can check against the model shape:
 
-- weights: parameters × bytes per parameter (finesmith loads fp32: 4; QLoRA's NF4 linear
-  layers ~0.53 with their block scales, embeddings and norms in bf16: 2);
+- weights: parameters × bytes per parameter (fp32: 4 on the CPU and for fully trained
+  weights; a frozen base on CUDA in bf16: 2; QLoRA's NF4 linear layers ~0.53 with their
+  block scales, embeddings and norms in bf16: 2);
 - gradients: trainable parameters × 4 (fp32);
 - optimizer states: trainable × 8 (AdamW's two fp32 moments) or × 2 (8-bit AdamW), plus
   one trainable-sized temporary while the foreach AdamW step runs;
@@ -18,6 +19,13 @@ Every term is arithmetic a reader can check against the model shape:
   log-softmax and their gradient are `supervised tokens × vocab` each, not `tokens × vocab`;
 - runtime: on CPU the Python + torch + transformers process itself, on CUDA the context,
   cuBLAS workspace and allocator slack that `max_memory_allocated` does not see.
+
+Over several GPUs (one process each), DDP keeps a full replica per GPU, so the per-GPU
+estimate is the one-GPU estimate plus DDP's gradient buckets (2 × 25 MiB). FSDP2 divides
+weights, gradients, optimizer state and the step's temporary by the number of GPUs, and
+adds what is gathered at a time: the root unit (embeddings, LM head, final norm) stays
+gathered through forward and backward, and up to two decoder blocks are gathered at once
+(the current one and the prefetched next), in bf16 on CUDA.
 
 Gradients and activations are never all alive at once: backward frees each block's
 activations as it creates its gradients, so the peak is the larger of the backward peak
@@ -58,6 +66,8 @@ class RunShape:
         lora_dropout: above 0, each adapted layer keeps a dropped copy of its input.
         virtual_tokens: prompt/prefix-tuning virtual tokens.
         optimizer: adamw | adamw_8bit | paged_adamw_8bit.
+        gpus: processes the run spreads over (1: one device).
+        sharded: FSDP2 (weights, gradients and optimizer state split over `gpus`) rather than DDP.
     """
 
     method: str
@@ -69,6 +79,11 @@ class RunShape:
     lora_dropout: float = 0.05
     virtual_tokens: int = 20
     optimizer: str = "adamw"
+    gpus: int = 1
+    sharded: bool = False
+
+
+DDP_BUCKETS = 2 * 25 * 1024**2  # DDP's default 25 MiB gradient buckets, two in flight
 
 
 @dataclass(frozen=True)
@@ -98,10 +113,13 @@ def trainable_parameters(shape: ModelShape, run: RunShape) -> int:
 
 
 def weight_bytes(shape: ModelShape, run: RunShape) -> float:
-    """Base weights (fp32 as finesmith loads them; NF4 linear layers for QLoRA) plus adapters."""
+    """Base weights plus adapters: NF4 linear layers for QLoRA; a frozen base in bf16 on CUDA
+    (the precision policy), fp32 on the CPU and for fully trained weights (the fp32 masters)."""
     if run.method == "qlora":
         rest = shape.params - shape.linear_params
         base = shape.linear_params * BYTES["nf4"] + rest * BYTES["bf16"]
+    elif run.device == "cuda" and run.method not in FULL_METHODS:
+        base = shape.params * BYTES["bf16"]
     else:
         base = shape.params * BYTES["fp32"]
     adapters = trainable_parameters(shape, run) * BYTES["fp32"] if run.method not in FULL_METHODS else 0
@@ -172,8 +190,28 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     # the tied/untied LM head's gradient is created first in backward, while activations live
     head_grad = shape.vocab * shape.hidden * BYTES["fp32"] if run.method in FULL_METHODS else 0
     backward = components["activations"] + logits + head_grad
+    if run.gpus > 1 and run.sharded:
+        for key in ("weights", "gradients", "optimizer", "optimizer step temporary"):
+            components[key] /= run.gpus
+        components["gathered weights"] = gathered_bytes(shape, run)
+    elif run.gpus > 1:
+        components["gradient buckets"] = min(DDP_BUCKETS, components["gradients"])
+    resident = components["weights"] + components["optimizer"] + runtime
+    resident += components.get("gathered weights", 0) + components.get("gradient buckets", 0)
     optimizer_step = components["gradients"] + components["optimizer step temporary"]
-    peak = weights + components["optimizer"] + runtime + max(backward, optimizer_step)
+    peak = resident + max(backward, optimizer_step)
     if run.method in NO_TRAINING:
         peak = weights + components["activations"] + logits + runtime
     return MemoryEstimate({k: int(v) for k, v in components.items()}, int(peak))
+
+
+def gathered_bytes(shape: ModelShape, run: RunShape) -> float:
+    """FSDP2's gathered weights at the peak: the root unit plus two decoder blocks."""
+    element = BYTES["bf16"] if run.device == "cuda" else BYTES["fp32"]
+    root = shape.params - shape.layers * block_parameters(shape)
+    return (root + 2 * block_parameters(shape)) * element
+
+
+def block_parameters(shape: ModelShape) -> int:
+    """Parameters of one decoder block (attention, gated MLP, two norms)."""
+    return shape.linear_params // shape.layers + 2 * shape.hidden

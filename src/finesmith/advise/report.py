@@ -33,6 +33,7 @@ class AdviseRequest:
     time_budget_hours: float | None = None
     calibrate: bool = False
     write_config: str | None = None
+    gpus: int | None = None
 
 
 def advise(request: AdviseRequest) -> Recommendation:
@@ -47,7 +48,7 @@ def advise(request: AdviseRequest) -> Recommendation:
     _check_choice("--goal", request.goal, GOALS)
     from finesmith.model.load import load_tokenizer
 
-    hardware = detect_hardware(request.gpu_memory_gb)
+    hardware = detect_hardware(request.gpu_memory_gb, request.gpus)
     shape = read_model_shape(request.model)
     stats = measure_dataset(load_tokenizer(request.model), request.data, PLAN_MAX_LENGTH)
     if not stats.examples:
@@ -84,11 +85,13 @@ def print_report(plan: Plan, rec: Recommendation) -> None:
                   f"hidden {plan.shape.hidden} · vocab {plan.shape.vocab:,}")
     console.print(f"data: {data.examples:,} examples · {data.tokens:,} tokens ({data.supervised:,} trained) · "
                   f"length p50 {data.percentile(0.5)} / p95 {data.percentile(0.95)} / max {data.percentile(1.0)}")
-    table = Table(title=f"approaches · batch {plan.batch_size} · {plan.epochs:g} epochs")
+    per_gpu = f" · memory per GPU over {plan.hardware.gpus} GPUs" if plan.hardware.device == "cuda" and plan.hardware.gpus > 1 else ""
+    table = Table(title=f"approaches · batch {plan.batch_size} · {plan.epochs:g} epochs{per_gpu}")
     for column in ("approach", "trains", "peak memory", "time / epoch", "fits"):
         table.add_column(column, justify="left" if column in ("approach", "fits") else "right")
     for approach, est in rec.estimates.items():
         label = (LABELS[approach] + (f" ({est.method})" if approach == "cpt_sft" else "")
+                 + (f" · {est.parallelism.upper()}" if est.parallelism else "")
                  + (" + checkpointing" if est.checkpointing else ""))
         mark = "[green]yes[/]" if est.fits else f"[red]no[/]: {est.why_not}"
         trains = "-" if est.time is None else _trainable(plan, est.method)
@@ -102,6 +105,8 @@ def print_report(plan: Plan, rec: Recommendation) -> None:
     console.print(f"[bold]recommendation: {LABELS[rec.approach]}[/] ({rec.rule})")
     for reason in rec.reasons:
         console.print(f"  · {reason}")
+    if rec.scale_out:
+        console.print(f"  · {rec.scale_out}")
 
 
 def _trainable(plan: Plan, method: str) -> str:
@@ -137,6 +142,8 @@ def recommended_config(plan: Plan, rec: Recommendation, request: AdviseRequest) 
               "epochs": plan.epochs, "batch_size": plan.batch_size, "max_length": fitted_max_length(plan.data)}
     if rec.estimates[rec.approach].checkpointing:
         config["gradient_checkpointing"] = True
+    if rec.estimates[rec.approach].parallelism:
+        config["parallelism"] = rec.estimates[rec.approach].parallelism
     return config
 
 
@@ -145,11 +152,13 @@ def write_config(plan: Plan, rec: Recommendation, request: AdviseRequest, path: 
     from finesmith.config import load_config
 
     config = recommended_config(plan, rec, request)
-    header = f"# written by `finesmith advise` ({rec.rule}); run: finesmith train {path}\n"
+    launch = f" --nproc-per-node {plan.hardware.gpus}" if "parallelism" in config else ""
+    header = f"# written by `finesmith advise` ({rec.rule}); run: finesmith train {path}{launch}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     load_config(str(path))
-    console.print(f"config written to {path}; run it with `finesmith train {path}`")
+    gpus = f" --nproc-per-node {plan.hardware.gpus}" if "parallelism" in config else ""
+    console.print(f"config written to {path}; run it with `finesmith train {path}{gpus}`")
     if rec.approach == "cpt_sft":
         console.print("this is stage 1 (continued pre-training on the raw text); for stage 2 train on your "
                       "instruction data with the stage-1 model as `model`")

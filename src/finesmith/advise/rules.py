@@ -25,6 +25,10 @@ MANY_EXAMPLES = 10_000  # enough signal for all weights to move usefully
 DOMAIN_CORPUS_TOKENS = 1_000_000  # raw text worth a pre-training pass
 FEW_SHOT_EXAMPLES = 4  # shots placed in the prompt
 CHECKPOINTING_SLOWDOWN = 1.33  # one extra forward pass per step
+# Share of linear speed-up over N GPUs of one machine (gradient all-reduce / FSDP gathers not
+# fully hidden behind compute): an assumption, not a measurement; stated in the report.
+SCALING_EFFICIENCY = 0.9
+SCALE_OUT_GPUS = (2, 4, 8)  # GPU counts tried when saying "more GPUs rather than 4-bit"
 HEADROOM = 0.9  # plan to use at most 90% of the memory: fragmentation, other processes
 
 
@@ -73,6 +77,7 @@ class ApproachEstimate:
     fits: bool
     why_not: str = ""
     checkpointing: bool = False  # sized with activation checkpointing
+    parallelism: str = ""  # over several GPUs: ddp | fsdp
 
     def training_hours(self, epochs: float) -> float:
         return 0.0 if self.time is None else self.time.seconds_per_epoch * epochs / 3600
@@ -85,6 +90,7 @@ class Recommendation:
     rule: str
     reasons: list[str] = field(default_factory=list)
     estimates: dict[str, ApproachEstimate] = field(default_factory=dict)
+    scale_out: str = ""  # when more GPUs of this kind would avoid 4-bit quantisation or allow full weights
 
 
 def run_shape(plan: Plan, method: str) -> RunShape:
@@ -92,19 +98,27 @@ def run_shape(plan: Plan, method: str) -> RunShape:
     if method == "few_shot":
         longest = plan.data.lengths[-1] if plan.data.lengths else 0
         return RunShape("few_shot", tokens=(FEW_SHOT_EXAMPLES + 1) * longest, supervised=0, device=plan.hardware.device)
-    tokens, supervised = plan.data.largest_batch(plan.batch_size)
-    return RunShape(method, tokens, supervised, plan.hardware.device, plan.checkpointing)
+    # the global micro-batch is split over the GPUs; each holds its share's activations
+    gpus = plan.hardware.gpus if plan.hardware.device == "cuda" else 1
+    tokens, supervised = plan.data.largest_batch(max(1, plan.batch_size // gpus))
+    return RunShape(method, tokens, supervised, plan.hardware.device, plan.checkpointing, gpus=gpus,
+                    sharded=method == "full" and gpus > 1)
 
 
 def size_approach(plan: Plan, approach: str, method: str) -> ApproachEstimate:
     """Memory and time of one approach, and whether it fits the machine and the time budget.
 
     An approach that does not fit in memory is sized again with activation checkpointing,
-    which trades ~30% more compute for keeping only each block's input.
+    which trades ~30% more compute for keeping only each block's input. Over several GPUs,
+    full fine-tuning is sharded (FSDP2) and adapters replicated (DDP); LoRA that does not fit
+    replicated is sized sharded too.
     """
     run = run_shape(plan, method)
     memory = estimate_memory(plan.shape, run)
     available = plan.hardware.training_memory * HEADROOM
+    if memory.peak > available and method == "lora" and run.gpus > 1:
+        run = dataclasses.replace(run, sharded=True)
+        memory = estimate_memory(plan.shape, run)
     checkpointing = run.checkpointing
     if memory.peak > available and not checkpointing and method != "few_shot":
         recomputed = estimate_memory(plan.shape, dataclasses.replace(run, checkpointing=True))
@@ -116,6 +130,11 @@ def size_approach(plan: Plan, approach: str, method: str) -> ApproachEstimate:
         if rate:
             rate = scale_calibration(rate, "lora", method, plan.shape, int(plan.data.mean_length))
         time = estimate_time(plan.shape, method, plan.data.tokens, int(plan.data.mean_length), plan.hardware, rate)
+        if run.gpus > 1:
+            time = dataclasses.replace(time, seconds_per_epoch=time.seconds_per_epoch / (run.gpus * SCALING_EFFICIENCY),
+                                       tokens_per_second=time.tokens_per_second * run.gpus * SCALING_EFFICIENCY,
+                                       source=f"{time.source}, over {run.gpus} GPUs at an assumed "
+                                              f"{SCALING_EFFICIENCY:.0%} scaling efficiency")
         if checkpointing and not run.checkpointing:
             time = dataclasses.replace(time, seconds_per_epoch=time.seconds_per_epoch * CHECKPOINTING_SLOWDOWN)
     why_not = ""
@@ -127,7 +146,8 @@ def size_approach(plan: Plan, approach: str, method: str) -> ApproachEstimate:
         hours = time.seconds_per_epoch * plan.epochs / 3600
         if hours > plan.time_budget_hours:
             why_not = f"~{hours:.1f} h for {plan.epochs:g} epochs, over the {plan.time_budget_hours:g} h budget"
-    return ApproachEstimate(approach, method, memory, time, not why_not, why_not, checkpointing)
+    parallelism = ("fsdp" if run.sharded else "ddp") if run.gpus > 1 else ""
+    return ApproachEstimate(approach, method, memory, time, not why_not, why_not, checkpointing, parallelism)
 
 
 def size_all(plan: Plan) -> dict[str, ApproachEstimate]:
@@ -148,7 +168,35 @@ def recommend(plan: Plan) -> Recommendation:
     """
     sized = size_all(plan)
     approach, rule = choose(plan, sized)
-    return Recommendation(approach, sized[approach].method, rule, reasons(plan, sized, approach), sized)
+    return Recommendation(approach, sized[approach].method, rule, reasons(plan, sized, approach), sized,
+                          scale_out(plan, sized, approach))
+
+
+def scale_out(plan: Plan, sized: dict[str, ApproachEstimate], approach: str) -> str:
+    """When 4-bit QLoRA is the choice, or full fine-tuning is wanted and does not fit: the
+    fewest GPUs of this kind on which LoRA (bf16 weights) or full fine-tuning would fit."""
+    wanted = []
+    if approach == "qlora":
+        wanted.append("lora")
+    if plan.goal == "max-quality" and not sized["full"].fits and plan.data.examples >= MANY_EXAMPLES:
+        wanted.append("full")
+    if plan.hardware.device != "cuda" or not wanted:
+        return ""
+    found = []
+    for method in wanted:
+        for gpus in (n for n in SCALE_OUT_GPUS if n > plan.hardware.gpus):
+            more = dataclasses.replace(plan, hardware=dataclasses.replace(plan.hardware, gpus=gpus))
+            estimate = size_approach(more, method, method)
+            if estimate.memory.fits(int(more.hardware.training_memory * HEADROOM)):
+                found.append(f"{LABELS[method]} fits on {gpus} of these GPUs with {estimate.parallelism.upper()} "
+                             f"(~{estimate.memory.peak / GIB:.1f} GiB each"
+                             + (", with checkpointing" if estimate.checkpointing else "") + ")")
+                break
+    if not found:
+        return ""
+    reason = "instead of 4-bit weights" if approach == "qlora" else "for full fine-tuning"
+    return (f"more GPUs {reason}: " + "; ".join(found) +
+            f" — plan it with `finesmith advise ... --gpus N`, train with `finesmith train ... --nproc-per-node N`")
 
 
 def choose(plan: Plan, sized: dict[str, ApproachEstimate]) -> tuple[str, str]:
