@@ -12,6 +12,22 @@ import torch
 ASSETS = Path(__file__).parent / "assets"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def service_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fine-tuning service's home folder for the whole test run (never the user's ~/.finesmith);
+    set in the environment, so servers started as subprocesses use it too."""
+    import os
+
+    folder = tmp_path_factory.mktemp("finesmith-home")
+    previous = os.environ.get("FINESMITH_HOME")
+    os.environ["FINESMITH_HOME"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("FINESMITH_HOME", None)
+    else:
+        os.environ["FINESMITH_HOME"] = previous
+
+
 def make_tiny_model(folder: Path, family: str = "chatml", seed: int = 0) -> Path:
     """Save a 2-layer random Llama plus tokenizer into `folder` and return it."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

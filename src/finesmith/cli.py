@@ -378,9 +378,16 @@ def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--verify", action="store_true", help="check the export numerically; exit 1 if out of tolerance")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
-    for name, text in (("chat", "talk to a run in the terminal"), ("serve", "serve a run over an OpenAI-compatible API")):
+    for name, text in (("chat", "talk to a run in the terminal"),
+                       ("serve", "serve models over an OpenAI-compatible API, with fine-tuning jobs and a dashboard")):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("run", metavar="RUN", help="run folder, exported model folder, .gguf file or built-in alias")
+        if name == "chat":
+            cmd.add_argument("run", metavar="RUN", help="run folder, exported model folder, .gguf file or built-in alias")
+        else:
+            cmd.add_argument("run", metavar="MODEL", nargs="+",
+                             help="models to serve (and fine-tune through the jobs API): run folders, exported model "
+                                  "folders, .gguf files or built-in aliases; the first loads at start, the others "
+                                  "on their first request")
         add_precision_flag(cmd)
     chat = sub.choices["chat"]
     chat.add_argument("--system", help="system prompt for the conversation")
@@ -389,7 +396,9 @@ def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve = sub.choices["serve"]
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request "
+                                         "(required on any interface but loopback)")
+    serve.add_argument("--no-jobs", action="store_true", help="serve the models only: no files, jobs or dashboard")
     serve.add_argument("--queue-size", type=int, default=32, metavar="N",
                        help="requests that may wait for the model while one runs; beyond that clients get "
                             "HTTP 429 with Retry-After (default 32)")
@@ -419,7 +428,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from finesmith.serve.server import serve
 
-    serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size, precision=args.precision)
+    serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size, precision=args.precision,
+          jobs=not args.no_jobs)
 
 
 def add_advise_command(sub: argparse._SubParsersAction) -> None:

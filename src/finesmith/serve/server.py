@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from finesmith.errors import FinesmithError
-from finesmith.serve.engine import (DEFAULT_QUEUE_SIZE, ChatEngine, EngineBusy, EngineClosed, Generation, Sampling,
-                                    load_engine)
+from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine, EngineBusy, EngineClosed, Generation, Sampling
+from finesmith.serve.registry import ModelRegistry
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SHUTDOWN_TIMEOUT_S = 5  # after this, uvicorn cancels the handlers still running at shutdown
@@ -113,18 +114,32 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
-def build_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application serving `engine`.
+def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jobs: Any = None) -> FastAPI:
+    """The FastAPI application serving `models`.
 
     Args:
-        engine: the loaded model.
+        models: one loaded model, or the registry of every served model.
         api_key: when set, every `/v1` request needs `Authorization: Bearer <api_key>`.
+        jobs: a `finesmith.serve.jobs.JobService`: adds the files and fine-tuning jobs API.
 
     Returns:
         A FastAPI app for uvicorn.
     """
     app = FastAPI(title="finesmith", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    registry = models if isinstance(models, ModelRegistry) else ModelRegistry()
+    if isinstance(models, ChatEngine):
+        registry.add_engine(models)
+
+    async def engine_for(name: str) -> ChatEngine:
+        if name not in registry:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves "
+                                f"{', '.join(repr(n) for n in registry.names())}", param="model",
+                           code="model_not_found")
+        try:
+            return await asyncio.to_thread(registry.engine, name)
+        except FinesmithError as exc:
+            raise APIError(500, f"the model '{name}' could not be loaded: {exc}", kind="server_error") from None
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -144,17 +159,20 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", **engine.status()}
+        loaded = registry.loaded()
+        status = loaded[0].status() if len(loaded) == 1 else {"models": {e.name: e.status() for e in loaded}}
+        return {"status": "ok", **status}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": created,
-                                            "owned_by": "finesmith"}]}
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": registry.owners.get(name, "finesmith")}
+                                           for name in registry.names()]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         req = parse(ChatRequest, await json_body(request))
-        check_model(engine, req.model)
+        engine = await engine_for(req.model)
         if req.max_completion_tokens:
             req.max_tokens = req.max_completion_tokens
         messages = [m.plain() for m in req.messages]
@@ -168,7 +186,7 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         req = parse(CompletionRequest, await json_body(request))
-        check_model(engine, req.model)
+        engine = await engine_for(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "send one prompt per request", param="prompt")
@@ -179,6 +197,10 @@ def build_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
             return StreamingResponse(reply.text_events(generation, usage), media_type="text/event-stream")
         return reply.text(await finish(generation, request), generation)
 
+    if jobs is not None:
+        from finesmith.serve.jobs import add_routes
+
+        add_routes(app, jobs)
     return app
 
 
@@ -204,12 +226,6 @@ async def json_body(request: Request) -> Any:
         return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
-
-
-def check_model(engine: ChatEngine, name: str) -> None:
-    if name != engine.name:
-        raise APIError(404, f"the model '{name}' does not exist; this server serves '{engine.name}'",
-                       param="model", code="model_not_found")
 
 
 def start(engine: ChatEngine, render: Any, sampling: Sampling, param: str) -> Generation:
@@ -330,31 +346,52 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto") -> None:
-    """Load a model and serve it until SIGTERM or Ctrl-C (`finesmith serve`).
+def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto",
+          jobs: bool = True) -> None:
+    """Serve models, and the fine-tuning jobs API, until SIGTERM or Ctrl-C (`finesmith serve`).
 
     Args:
-        spec: run folder, exported model folder, `.gguf` file or built-in alias.
-        host: interface to bind; loopback by default so nothing is exposed unless asked.
+        specs: run folders, exported model folders, `.gguf` files or built-in aliases; the
+            first is loaded at start, the others on their first request.
+        host: interface to bind; loopback by default. Any other needs `api_key`.
         port: TCP port.
         api_key: required bearer token, if any.
         log: where to print the start-up lines.
-        queue_size: requests allowed to wait for the model; beyond that clients get 429.
+        queue_size: requests allowed to wait for each model; beyond that clients get 429.
         precision: model dtype (`auto`: bf16 on CUDA, fp32 on CPU).
+        jobs: serve the files and fine-tuning jobs API (state in `$FINESMITH_HOME`).
     """
+    specs = [specs] if isinstance(specs, str) else list(specs)
     if host not in LOOPBACK and not api_key:
-        log(f"warning: serving on {host} without --api-key; anyone who can reach this port can use the model")
-    engine = load_engine(spec, queue_size=queue_size, precision=precision)
-    log(f"serving '{engine.name}' at http://{host}:{port}/v1 (OpenAI-compatible, up to {queue_size} waiting)"
-        + ("; requests need the API key" if api_key else ""))
-    config = uvicorn.Config(build_app(engine, api_key), host=host, port=port, log_level="warning",
+        raise FinesmithError(f"serving on {host} (not loopback) needs --api-key KEY: anyone who can reach the port "
+                             "could use the models and start jobs; or serve on 127.0.0.1")
+    from finesmith.core.device import inference_dtype
+
+    inference_dtype(precision, "cuda" if torch.cuda.is_available() else "cpu")  # a bad value fails before loading
+    registry = ModelRegistry(queue_size, precision)
+    names = [registry.add(spec) for spec in specs]
+    registry.engine(names[0])  # a model that cannot load fails now, not on the first request
+    service = None
+    if jobs:
+        from finesmith.serve.jobs import JobService
+        from finesmith.serve.store import Store
+
+        service = JobService(Store(), registry, log=log)
+        service.start()
+    log(f"serving {', '.join(repr(n) for n in registry.names())} at http://{host}:{port}/v1 (OpenAI-compatible, "
+        f"up to {queue_size} waiting per model)" + ("; requests need the API key" if api_key else ""))
+    if service:
+        log(f"fine-tuning jobs API on; state in {service.store.root}; dashboard at http://{host}:{port}/")
+    config = uvicorn.Config(build_app(registry, api_key, service), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
     try:
-        DrainingServer(config, engine).run()
+        DrainingServer(config, registry).run()
     finally:
-        engine.close()
-        engine.join(timeout=SHUTDOWN_TIMEOUT_S)
+        if service:
+            service.stop()
+        registry.close()
+        registry.join(timeout=SHUTDOWN_TIMEOUT_S)
 
 
 class DrainingServer(uvicorn.Server):
@@ -364,10 +401,10 @@ class DrainingServer(uvicorn.Server):
     stopped after a short grace, they finish within a few seconds.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: ChatEngine) -> None:
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.registry = registry
 
     async def shutdown(self, sockets: Any = None) -> None:
-        self.engine.close()
+        self.registry.close()
         await super().shutdown(sockets)

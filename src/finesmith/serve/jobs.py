@@ -1,0 +1,475 @@
+"""The hosted fine-tuning API, served locally: files and fine-tuning jobs.
+
+`/v1/files` (upload with `purpose: fine-tune`, list, retrieve, delete, content) and
+`/v1/fine_tuning/jobs` (create, list, retrieve, cancel, events, checkpoints) in the hosted
+API's shapes, so code written for the hosted service runs against this server unchanged.
+
+State is in SQLite (`finesmith.serve.store`). One scheduler thread in the server process
+moves jobs along `validating_files → queued → running → succeeded | failed | cancelled`
+and runs each job in its own worker process (`finesmith.serve.worker`), one at a time:
+the HTTP process never trains. The scheduler turns the run's `metrics.jsonl` and
+checkpoints into events and checkpoint objects as they appear. Cancelling a running job
+sends its worker SIGTERM: the loop finishes the step and saves a checkpoint. When the
+server dies, even by SIGKILL, the worker gets SIGTERM too (Linux's parent-death signal),
+so it saves a checkpoint; the restarted server finds the job still `running` and resumes
+it from that checkpoint (from the start when there is none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from finesmith.serve.registry import ModelRegistry
+from finesmith.serve.store import (CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, VALIDATING, Store,
+                                   new_id)
+
+PURPOSE = "fine-tune"
+METHODS = ("supervised", "dpo")
+HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+                   "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta")}
+KIND_FOR_METHOD = {"supervised": ("chat", "text"), "dpo": ("preference",)}
+STOP_WAIT_S = 60  # how long a worker may take to save its checkpoint and exit
+
+
+def api_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Exception:
+    from finesmith.serve.server import APIError
+
+    return APIError(status, message, param=param, code=code)
+
+
+class JobService:
+    """The scheduler: one worker process at a time, state in `store`, fine-tuned models into `registry`."""
+
+    def __init__(self, store: Store, registry: ModelRegistry, log: Any = print, poll_s: float = 0.5) -> None:
+        self.store, self.registry, self.log, self.poll_s = store, registry, log, poll_s
+        self.worker: subprocess.Popen | None = None
+        self.current: str | None = None
+        self.signalled = False
+        self.offsets: dict[str, int] = {}
+        self.step_metrics: dict[str, dict[int, dict[str, Any]]] = {}  # per job: step -> losses seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="finesmith-jobs", daemon=True)
+
+    # lifecycle
+    def start(self) -> None:
+        for job in self.store.jobs_in(SUCCEEDED):
+            self.registry.add(str(Path(job["output"]) / "run"), job["fine_tuned_model"], owner="user")
+        for job in self.store.jobs_in(RUNNING):  # its worker went with the previous server
+            self._wait_for_pid(job.get("worker_pid"))
+            step = _resumable_step(job)
+            self.store.add_event(job["id"], "The server restarted while this job ran; it resumes from its checkpoint "
+                                 f"at step {step}" if step else "The server restarted while this job ran, before any "
+                                 "checkpoint; it starts again from the beginning", key=f"restart-{job['attempts']}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop scheduling; a running worker saves a checkpoint and exits (its job resumes next start)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.worker and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGTERM)
+            try:
+                self.worker.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+
+    def _wait_for_pid(self, pid: int | None) -> None:
+        deadline = time.monotonic() + STOP_WAIT_S
+        while pid and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # the scheduler must outlive one bad job
+                self.log(f"jobs: {type(exc).__name__}: {exc}")
+            self._stop.wait(self.poll_s)
+
+    # one round
+    def tick(self) -> None:
+        if self.worker is not None:
+            job = self.store.job(self.current)
+            self.follow(job)
+            if job["cancel_requested"] and not self.signalled:
+                self.worker.send_signal(signal.SIGTERM)
+                self.signalled = True
+            code = self.worker.poll()
+            if code is None:
+                return
+            self.follow(job)
+            self.worker = None
+            self._finished(self.store.job(job["id"]), code)
+            return
+        for job in self.store.jobs_in(VALIDATING):
+            self._validate(job)
+        waiting = self.store.jobs_in(RUNNING) + self.store.jobs_in(QUEUED)
+        if waiting and not self._stop.is_set():
+            self._launch(waiting[0])
+
+    def _validate(self, job: dict[str, Any]) -> None:
+        kind = job["method"]["type"]
+        self.store.add_event(job["id"], f"Validating training file: {job['training_file']}"
+                             + (f" and validation file: {job['validation_file']}" if job["validation_file"] else ""),
+                             key="validating")
+        for param in ("training_file", "validation_file"):
+            if not job[param]:
+                continue
+            found = self.store.file(job[param])
+            if found is None:
+                return self._fail(job, f"{param} {job[param]} no longer exists (it was deleted)", "invalid_file", param)
+            if found["kind"] not in KIND_FOR_METHOD[kind]:
+                return self._fail(job, f"{param} {job[param]} holds {found['kind']} examples; a {kind} job needs "
+                                  f"{' or '.join(KIND_FOR_METHOD[kind])} examples", "invalid_file", param)
+        self.store.update_job(job["id"], status=QUEUED)
+        self.store.add_event(job["id"], "Files validated, moving job to queued state", key="queued")
+
+    def _launch(self, job: dict[str, Any]) -> None:
+        if job["model"] not in self.registry:
+            return self._fail(job, f"the model '{job['model']}' is not served by this server any more; restart it "
+                              f"with `finesmith serve {job['model']}`", "model_not_found", "model")
+        resume = _resumable_step(job) is not None
+        output = Path(job["output"])
+        output.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "FINESMITH_HOME": str(self.store.root)}
+        with open(output / "worker.log", "ab") as log:
+            from finesmith.serve.worker import die_with_parent
+
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "finesmith.serve.worker", job["id"], self.registry.spec(job["model"]),
+                 *(["--resume"] if resume else [])], stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=die_with_parent, start_new_session=True)
+        self.current, self.signalled = job["id"], False
+        self.offsets.pop(job["id"], None)
+        self.store.update_job(job["id"], worker_pid=self.worker.pid)
+
+    def _finished(self, job: dict[str, Any], code: int) -> None:
+        run = Path(job["output"]) / "run"
+        if code == 0:
+            name = fine_tuned_name(job)
+            self.registry.add(str(run), name, owner="user")
+            record = _record(run)
+            tokens = int((record.get("data", {}).get("train", {}).get("tokens") or 0)
+                         * (record.get("config", {}).get("epochs") or 1))
+            self.store.update_job(job["id"], status=SUCCEEDED, fine_tuned_model=name, trained_tokens=tokens,
+                                  hyperparameters=json.dumps(resolved_hyperparameters(job, record)))
+            self.store.add_event(job["id"], f"New fine-tuned model created: {name}", key="model")
+            self.store.add_event(job["id"], "The job has successfully completed", key="succeeded")
+        elif code == 75 and job["cancel_requested"]:
+            step = _resumable_step(job)
+            self.store.update_job(job["id"], status=CANCELLED)
+            self.store.add_event(job["id"], "Fine-tuning job cancelled" + (f" (checkpoint at step {step} kept)"
+                                                                          if step else ""), key="cancelled")
+        elif code == 75:  # stopped because this server is stopping: resumed when it starts again
+            self.store.add_event(job["id"], "Paused with a checkpoint: the server is stopping",
+                                 key=f"paused-{job['attempts']}")
+        else:
+            message = _last_error(Path(job["output"]) / "worker.log") or f"the training process exited with {code}"
+            self._fail(job, message, "invalid_training_file" if code == 2 else "training_failed",
+                       "training_file" if code == 2 else None)
+
+    def _fail(self, job: dict[str, Any], message: str, code: str, param: str | None) -> None:
+        self.store.update_job(job["id"], status=FAILED, error={"code": code, "message": message, "param": param})
+        self.store.add_event(job["id"], f"Fine-tuning job failed: {message}", level="error", key="failed")
+
+    def follow(self, job: dict[str, Any]) -> None:
+        """New metric lines and checkpoints of the job's run, as events and checkpoint objects."""
+        run = Path(job["output"]) / "run"
+        metrics = run / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        offset = self.offsets.get(job["id"], 0)
+        size = metrics.stat().st_size
+        if size < offset:  # rewritten on resume: read again, events are keyed by step
+            offset = 0
+        with open(metrics, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        self.offsets[job["id"]] = offset + end
+        total = (_record(run).get("schedule") or {}).get("total_steps")
+        latest = self.step_metrics.setdefault(job["id"], {})
+        for line in chunk[:end].decode("utf-8", "replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = entry.get("step")
+            if "loss" in entry:
+                data = {"step": step, "train_loss": entry["loss"], "total_steps": total, "learning_rate": entry.get("lr")}
+                self.store.add_event(job["id"], f"Step {step}/{total}: training loss={entry['loss']:.4f}",
+                                     kind="metrics", data=data, key=f"step-{step}")
+                latest.setdefault(step, {})["train_loss"] = entry["loss"]
+            if "eval_loss" in entry:
+                self.store.add_event(job["id"], f"Step {step}/{total}: validation loss={entry['eval_loss']:.4f}",
+                                     kind="metrics", data={"step": step, "valid_loss": entry["eval_loss"],
+                                                           "total_steps": total}, key=f"eval-{step}")
+                latest.setdefault(step, {})["valid_loss"] = entry["eval_loss"]
+        from finesmith.train.checkpoint import list_checkpoints
+
+        for step, _ in list_checkpoints(run):
+            self.store.add_checkpoint(job["id"], step, {"step": step, **latest.get(step, {})})
+            self.store.add_event(job["id"], f"Checkpoint created at step {step}", key=f"ckpt-{step}")
+
+
+def fine_tuned_name(job: dict[str, Any]) -> str:
+    """`ft:BASE:SUFFIX:ID`, the hosted API's naming (the suffix defaults to `finesmith`)."""
+    return f"ft:{job['model']}:{job['suffix'] or 'finesmith'}:{job['id'].split('-')[-1][:8]}"
+
+
+def resolved_hyperparameters(job: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The job's hyperparameters with `auto` replaced by what training used."""
+    from finesmith.config import DEFAULT_LR
+
+    config = record.get("config", {})
+    out = {"n_epochs": config.get("epochs"), "batch_size": config.get("batch_size"),
+           "learning_rate_multiplier": round((record.get("schedule", {}).get("lr") or DEFAULT_LR["lora"])
+                                             / DEFAULT_LR["lora"], 6)}
+    if job["method"]["type"] == "dpo":
+        out["beta"] = (config.get("preference") or {}).get("beta")
+    return out
+
+
+def _record(run: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _resumable_step(job: dict[str, Any]) -> int | None:
+    from finesmith.train.checkpoint import list_checkpoints, resumable
+
+    found = [step for step, path in list_checkpoints(Path(job["output"]) / "run") if resumable(path)]
+    return found[-1] if found else None
+
+
+def _last_error(log: Path) -> str | None:
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    return errors[-1][:500] if errors else None
+
+
+# ---- the HTTP side ----------------------------------------------------------------------------
+
+def file_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
+            "expires_at": None, "status_details": None}
+
+
+def job_object(job: dict[str, Any]) -> dict[str, Any]:
+    kind = job["method"]["type"]
+    params = {k: job["hyperparameters"].get(k, "auto") for k in HYPERPARAMETERS[kind]}
+    return {"object": "fine_tuning.job", "id": job["id"], "model": job["model"], "created_at": job["created_at"],
+            "finished_at": job["finished_at"], "fine_tuned_model": job["fine_tuned_model"],
+            "organization_id": "org-local", "result_files": [], "status": job["status"],
+            "validation_file": job["validation_file"], "training_file": job["training_file"],
+            "hyperparameters": {k: v for k, v in params.items() if k != "beta"}, "trained_tokens": job["trained_tokens"],
+            "error": job["error"], "seed": job["seed"], "user_provided_suffix": job["suffix"], "estimated_finish": None,
+            "integrations": [], "metadata": None, "method": {"type": kind, kind: {"hyperparameters": params}}}
+
+
+def validate_upload(content: bytes, filename: str) -> tuple[int, str]:
+    """(lines, kind) of an uploaded JSONL file, with the row checks of `finesmith data check`;
+    the first problem is a 400 naming `filename:line`."""
+    from collections import Counter
+
+    from finesmith.data.formats import FeedbackExample, PreferenceExample, TextExample, parse_records
+
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise api_error(400, f"{filename}: not UTF-8 text; upload a JSONL file", "file", "invalid_file") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload.jsonl"
+        path.write_bytes(content)
+        kinds: Counter = Counter()
+        lines = 0
+        for _, example, problem in parse_records(str(path)):
+            if problem:
+                raise api_error(400, problem.replace(str(path), filename), "file", "invalid_file")
+            if example is not None:
+                lines += 1
+                kinds["preference" if isinstance(example, (PreferenceExample, FeedbackExample)) else
+                      "text" if isinstance(example, TextExample) else "chat"] += 1
+    if not lines:
+        raise api_error(400, f"{filename}: no examples; each line must be one JSON example", "file", "invalid_file")
+    if len(kinds) > 1:
+        raise api_error(400, f"{filename}: mixes {' and '.join(kinds)} examples; one file holds one kind",
+                        "file", "invalid_file")
+    return lines, next(iter(kinds))
+
+
+def add_routes(app: FastAPI, service: JobService) -> None:
+    """Files and fine-tuning jobs endpoints on `app`."""
+    from finesmith.serve.server import json_body
+
+    store, registry = service.store, service.registry
+
+    def find_file(file_id: str) -> dict[str, Any]:
+        found = store.file(file_id)
+        if found is None:
+            raise api_error(404, f"No such File object: {file_id}", "id", "file_not_found")
+        return found
+
+    def find_job(job_id: str) -> dict[str, Any]:
+        found = store.job(job_id)
+        if found is None:
+            raise api_error(404, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
+        return found
+
+    @app.post("/v1/files")
+    async def upload(request: Request) -> dict[str, Any]:
+        try:
+            form = await request.form()
+        except Exception:
+            raise api_error(400, "send the file as multipart/form-data with fields `file` and `purpose`") from None
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose != PURPOSE:
+            raise api_error(400, f"purpose must be '{PURPOSE}' (this server stores fine-tuning data only), "
+                                 f"got {purpose!r}", "purpose")
+        if upload is None or isinstance(upload, str):
+            raise api_error(400, "the `file` field is missing", "file")
+        content = await upload.read()
+        filename = upload.filename or "upload.jsonl"
+        import asyncio
+
+        lines, kind = await asyncio.to_thread(validate_upload, content, filename)
+        return file_object(store.add_file(filename, PURPOSE, content, lines, kind))
+
+    @app.get("/v1/files")
+    async def list_files(purpose: str | None = None) -> dict[str, Any]:
+        return {"object": "list", "data": [file_object(f) for f in store.files(purpose)], "has_more": False}
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str) -> dict[str, Any]:
+        return file_object(find_file(file_id))
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str) -> dict[str, Any]:
+        find_file(file_id)
+        store.delete_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str) -> Response:
+        return Response(Path(find_file(file_id)["path"]).read_bytes(), media_type="application/jsonl")
+
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(request: Request) -> dict[str, Any]:
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise api_error(400, "the body must be a JSON object")
+        job = parse_job(body, store, registry)
+        row = store.add_job(job)
+        store.add_event(row["id"], f"Created fine-tuning job: {row['id']}", key="created")
+        return job_object(row)
+
+    @app.get("/v1/fine_tuning/jobs")
+    async def list_jobs(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        jobs, more = store.jobs(after, max(1, min(limit, 100)))
+        return {"object": "list", "data": [job_object(j) for j in jobs], "has_more": more}
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return job_object(find_job(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        job = find_job(job_id)
+        if job["status"] in FINAL:
+            raise api_error(400, f"the job is already {job['status']}; only a job that has not finished can be cancelled",
+                            "fine_tuning_job_id", "job_finished")
+        store.request_cancel(job_id)
+        if job["status"] in (VALIDATING, QUEUED) and service.current != job_id:
+            store.update_job(job_id, status=CANCELLED)
+            store.add_event(job_id, "Fine-tuning job cancelled", key="cancelled")
+        return job_object(store.job(job_id))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def job_events(job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        find_job(job_id)
+        events, more = store.events(job_id, after, max(1, min(limit, 1000)))
+        return {"object": "list", "has_more": more, "data": [
+            {"object": "fine_tuning.job.event", "id": e["id"], "created_at": e["created_at"], "level": e["level"],
+             "message": e["message"], "type": e["type"], "data": e["data"]} for e in events]}
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> dict[str, Any]:
+        job = find_job(job_id)
+        rows = store.checkpoints(job_id)
+        if after:
+            ids = [r["id"] for r in rows]
+            rows = rows[ids.index(after) + 1:] if after in ids else rows
+        page = rows[:max(1, min(limit, 100))]
+        name = fine_tuned_name(job)
+        return {"object": "list", "has_more": len(rows) > len(page), "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "data": [
+                    {"object": "fine_tuning.job.checkpoint", "id": r["id"], "created_at": r["created_at"],
+                     "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{r['step']}", "step_number": r["step"],
+                     "metrics": r["metrics"], "fine_tuning_job_id": job_id} for r in page]}
+
+
+def parse_job(body: dict[str, Any], store: Store, registry: ModelRegistry) -> dict[str, Any]:
+    """A job row from a create request, or an API error naming the field."""
+    model = body.get("model")
+    if not isinstance(model, str) or model not in registry:
+        raise api_error(404, f"the model '{model}' does not exist or cannot be fine-tuned here; this server serves "
+                             f"{', '.join(registry.names())}", "model", "model_not_found")
+    for param in ("training_file", "validation_file"):
+        value = body.get(param)
+        if param == "training_file" and not value:
+            raise api_error(400, "training_file is required", param)
+        if value and store.file(value) is None:
+            raise api_error(400, f"invalid {param}: {value} (no such file; upload it to /v1/files first)", param,
+                            "file_not_found")
+    method = body.get("method") or {"type": "supervised"}
+    kind = method.get("type") if isinstance(method, dict) else None
+    if kind not in METHODS:
+        raise api_error(400, f"method.type must be one of {', '.join(METHODS)}, got {kind!r}", "method.type")
+    section = method.get(kind) if isinstance(method.get(kind), dict) else {}
+    params = {**(body.get("hyperparameters") or {}), **(method.get("hyperparameters") or {}),
+              **(section.get("hyperparameters") or {})}
+    for key, value in params.items():
+        if key not in HYPERPARAMETERS[kind]:
+            raise api_error(400, f"unknown hyperparameter '{key}' for a {kind} job; known: "
+                                 f"{', '.join(HYPERPARAMETERS[kind])}", f"hyperparameters.{key}")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        integral = key not in ("n_epochs", "batch_size") or float(value).is_integer() if numeric else False
+        if value != "auto" and not (numeric and integral):
+            raise api_error(400, f"hyperparameters.{key} must be 'auto' or a positive "
+                                 f"{'integer' if key in ('n_epochs', 'batch_size') else 'number'}, got {value!r}",
+                            f"hyperparameters.{key}")
+        if key in ("n_epochs", "batch_size") and value != "auto":
+            params[key] = int(value)
+    suffix = body.get("suffix")
+    if suffix is not None and (not isinstance(suffix, str) or not 0 < len(suffix) <= 64 or ":" in suffix):
+        raise api_error(400, "suffix must be 1 to 64 characters without ':'", "suffix")
+    seed = body.get("seed")
+    if seed is not None and not isinstance(seed, int):
+        raise api_error(400, "seed must be an integer", "seed")
+    job_id = new_id("ftjob")
+    return {"id": job_id, "model": model, "training_file": body["training_file"],
+            "validation_file": body.get("validation_file"), "suffix": suffix,
+            "seed": seed if seed is not None else 42, "method": {"type": kind}, "hyperparameters": params,
+            "output": str(store.jobs_dir / job_id)}

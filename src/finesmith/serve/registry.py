@@ -1,0 +1,81 @@
+"""The models one server serves: base models named on the command line, and each
+fine-tuned model a job has produced, under its `ft:` name. A model is loaded on its first
+request (in a thread, so the event loop goes on) and keeps its own generation worker."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine, load_engine
+
+
+def served_name(spec: str) -> str:
+    """What clients call a model: the file stem of a `.gguf`, a folder's name, else the spec."""
+    path = Path(spec)
+    return path.stem if path.suffix.lower() == ".gguf" else (path.name if path.exists() else spec)
+
+
+class ModelRegistry:
+    """Name → model spec, and the engines loaded so far."""
+
+    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto") -> None:
+        self.queue_size, self.precision = queue_size, precision
+        self.specs: dict[str, str] = {}
+        self.owners: dict[str, str] = {}
+        self.engines: dict[str, ChatEngine] = {}
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def add(self, spec: str, name: str | None = None, owner: str = "finesmith") -> str:
+        name = name or served_name(spec)
+        with self._lock:
+            self.specs[name], self.owners[name] = spec, owner
+        return name
+
+    def add_engine(self, engine: ChatEngine, spec: str | None = None) -> str:
+        """Serve an engine that is already loaded (the single-model server, tests)."""
+        with self._lock:
+            self.specs[engine.name], self.owners[engine.name] = spec or engine.name, "finesmith"
+            self.engines[engine.name] = engine
+        return engine.name
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self.specs)
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self.specs
+
+    def spec(self, name: str) -> str:
+        with self._lock:
+            return self.specs[name]
+
+    def engine(self, name: str) -> ChatEngine:
+        """The loaded engine of `name`, loading it now if needed (blocking: call from a thread)."""
+        with self._lock:
+            if name in self.engines:
+                return self.engines[name]
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:  # one load per model, however many requests ask at once
+            with self._lock:
+                if name in self.engines:
+                    return self.engines[name]
+            engine = load_engine(self.spec(name), queue_size=self.queue_size, precision=self.precision)
+            engine.name = name
+            with self._lock:
+                self.engines[name] = engine
+            return engine
+
+    def loaded(self) -> list[ChatEngine]:
+        with self._lock:
+            return list(self.engines.values())
+
+    def close(self) -> None:
+        for engine in self.loaded():
+            engine.close()
+
+    def join(self, timeout: float) -> None:
+        for engine in self.loaded():
+            engine.join(timeout)
