@@ -290,3 +290,28 @@ def test_closing_fails_waiting_requests_and_stops_the_running_one(engine) -> Non
     assert small.join(timeout=10) and time.monotonic() - started < 2
     with pytest.raises(EngineClosed):
         small.generate(prompt, Sampling(max_tokens=4)).submit()
+
+
+def submit_together(engine, requests):
+    """Queue every request before the worker can take one, so they form one batch."""
+    with engine._state:  # the worker needs this lock to take work; it is re-entrant for _enqueue
+        generations = [engine.generate(engine.chat_ids(m), s).submit() for m, s in requests]
+    return [g.text() for g in generations], generations
+
+
+def test_requests_that_arrive_together_are_generated_together_and_answer_as_alone(engine) -> None:
+    questions = [[{"role": "user", "content": q}] for q, _ in QA[:5]]
+    greedy_alone = [engine.generate(engine.chat_ids(m), Sampling(6)).text() for m in questions]
+    together, generations = submit_together(engine, [(m, Sampling(6)) for m in questions])
+    assert [g.batch_size for g in generations] == [5] * 5
+    assert together == greedy_alone  # prompts of different lengths, left-padded: the same greedy answers
+    assert greedy_alone == [greedy(engine, m, 6) for m in questions]  # and the same as plain generation
+
+    # a seeded sampled request gives the same answer alone and inside a batch
+    sampled = Sampling(8, temperature=0.9, top_p=0.9, seed=123)
+    alone = engine.generate(engine.chat_ids(questions[0]), sampled).text()
+    mixed, generations = submit_together(engine, [(questions[1], Sampling(3)), (questions[0], sampled),
+                                                  (questions[2], Sampling(10, stop=("a",)))])
+    assert mixed[1] == alone
+    assert generations[0].finish_reason in ("stop", "length") and generations[0].completion_tokens <= 3
+    assert "a" not in mixed[2]

@@ -1,9 +1,10 @@
 """One loaded model that streams text, shared by the terminal chat and the HTTP server.
 
-A single worker thread owns the model and runs one request at a time, in arrival order,
-from a bounded queue: one model instance on one device gains nothing from interleaving
-requests, and the KV caches of parallel calls would only compete for memory. Callers
-never touch the model or a lock held across a generation. They submit a `Generation`
+A single worker thread owns the model. It takes the requests waiting in a bounded queue,
+up to `max_batch` at a time in arrival order, and generates them together
+(`finesmith.serve.batch`: one prefill, then one forward pass per token for every live row
+over a shared KV cache), so requests that arrive together cost little more than one.
+Callers never touch the model or a lock held across a generation. They submit a `Generation`
 and read its text pieces from its own channel, either by plain iteration (the terminal
 chat) or with `async for` on an event loop (the HTTP server), so a slow or idle reader
 costs nothing but its queue slot.
@@ -33,6 +34,7 @@ from finesmith.data.tokenize import bos_to_prepend, prompt_ids
 from finesmith.errors import FinesmithError
 
 DEFAULT_QUEUE_SIZE = 32
+DEFAULT_MAX_BATCH = 16  # requests generated together
 SHUTDOWN_GRACE_S = 2.0  # how long `close()` lets the running request go on before stopping it
 
 
@@ -120,6 +122,7 @@ class Generation:
         self.engine, self.prompt, self.sampling = engine, prompt, sampling
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.batch_size = 0  # requests generated together with this one (itself included)
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self._submitted = False
@@ -216,33 +219,6 @@ class Generation:
         self._push(_End(error))
 
 
-def _channel_streamer(tokenizer: Any, generation: Generation, scanner: StopScanner) -> Any:
-    """A `generate` streamer that decodes like `TextStreamer` and feeds `generation`'s channel."""
-    from transformers import TextStreamer
-
-    class ChannelStreamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text and not scanner.stopped and (shown := scanner.feed(text)):
-                generation._push(shown)
-
-    return ChannelStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-class _Halt:
-    """A stopping criterion: a stop string was seen, the consumer left, or the engine's grace ran out."""
-
-    def __init__(self, engine: ChatEngine, generation: Generation, scanner: StopScanner) -> None:
-        self.engine, self.generation, self.scanner = engine, generation, scanner
-        self.interrupted = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        deadline = self.engine._deadline
-        if self.generation.cancelled.is_set() or (deadline is not None and time.monotonic() > deadline):
-            self.interrupted = True
-        halt = self.scanner.stopped or self.interrupted
-        return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
-
-
 class ChatEngine:
     """A model, its tokenizer and the one worker thread that runs generations on it.
 
@@ -253,19 +229,20 @@ class ChatEngine:
         queue_size: requests allowed to wait while one runs; more raise `EngineBusy`.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(self, model: Any, tokenizer: Any, name: str, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
         if queue_size < 1:
             raise FinesmithError(f"the queue size must be at least 1, not {queue_size}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.device = next(model.parameters()).device
         self.stop_ids = stop_token_ids(tokenizer)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        self.queue_size = queue_size
-        self.counts = {"completed": 0, "cancelled": 0, "skipped": 0, "rejected": 0, "failed": 0}
+        self.queue_size, self.max_batch = queue_size, max(1, max_batch)
+        self.counts = {"completed": 0, "cancelled": 0, "skipped": 0, "rejected": 0, "failed": 0, "largest_batch": 0}
         self._waiting: deque[Generation] = deque()
         self._state = threading.Condition()
         self._worker: threading.Thread | None = None
-        self._running: Generation | None = None
+        self._running: list[Generation] = []  # the batch being generated
         self._closing = False
         self._deadline: float | None = None
         self._seconds_per_request = 1.0  # running average, for Retry-After
@@ -301,7 +278,7 @@ class ChatEngine:
         """Queue length, whether a request is running, and the outcome counts so far."""
         with self._state:
             return {"waiting": sum(not g.cancelled.is_set() for g in self._waiting), "queue_size": self.queue_size,
-                    "running": self._running is not None, "closing": self._closing, **self.counts}
+                    "running": len(self._running), "closing": self._closing, **self.counts}
 
     def close(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Take no more work, fail what waits, let the running request go on for at most `grace` seconds."""
@@ -333,8 +310,8 @@ class ChatEngine:
                     gone._finish("cancelled")
             if len(self._waiting) >= self.queue_size:
                 self.counts["rejected"] += 1
-                busy = len(self._waiting) + (self._running is not None)
-                raise EngineBusy(len(self._waiting), max(1, math.ceil(busy * self._seconds_per_request)))
+                waves = math.ceil((len(self._waiting) + len(self._running)) / self.max_batch)
+                raise EngineBusy(len(self._waiting), max(1, math.ceil(waves * self._seconds_per_request)))
             self._waiting.append(generation)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="finesmith-generation", daemon=True)
@@ -348,65 +325,63 @@ class ChatEngine:
                     self._state.wait()
                 if not self._waiting:
                     return
-                generation = self._waiting.popleft()
-                self._running = generation
+                batch: list[Generation] = []
+                while self._waiting and len(batch) < self.max_batch:
+                    batch.append(self._waiting.popleft())
+                self._running = batch
+                self.counts["largest_batch"] = max(self.counts["largest_batch"], len(batch))
+                for g in batch:
+                    g.batch_size = len(batch)
             started = time.monotonic()
-            error: BaseException | None = None
-            if generation.cancelled.is_set():
-                reason, outcome = "cancelled", "skipped"
-            else:
-                try:
-                    reason = self._run(generation)
-                    outcome = "completed" if reason in ("stop", "length") else "cancelled"
-                except Exception as exc:  # one bad request must not stop the worker
-                    reason, outcome, error = "cancelled", "failed", exc
-            if outcome == "cancelled" and not generation.cancelled.is_set():
-                error = EngineClosed("the server is shutting down")  # stopped by close(), not by its reader
+            live = [g for g in batch if not g.cancelled.is_set()]
+            results: dict[int, tuple[str, str, BaseException | None]] = {
+                id(g): ("cancelled", "skipped", None) for g in batch if g.cancelled.is_set()}
+            try:
+                reasons = self._run(live) if live else {}
+                for g in live:
+                    reason = reasons[id(g)]
+                    if reason == "interrupted":  # stopped by close(), not by its reader
+                        results[id(g)] = ("cancelled", "cancelled", EngineClosed("the server is shutting down"))
+                    else:
+                        results[id(g)] = (reason, "completed" if reason in ("stop", "length") else "cancelled", None)
+            except Exception as exc:  # one bad batch must not stop the worker
+                for g in live:
+                    results[id(g)] = ("cancelled", "failed", exc)
             with self._state:
-                self._running = None
-                self.counts[outcome] += 1
-                if outcome == "completed":
+                self._running = []
+                for g in batch:
+                    self.counts[results[id(g)][1]] += 1
+                if live and all(results[id(g)][1] == "completed" for g in live):
                     self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * (time.monotonic() - started)
-            generation._finish(reason, error)
+            for g in batch:
+                reason, _, error = results[id(g)]
+                g._finish(reason, error)
 
-    def _run(self, generation: Generation) -> str:
-        """Generate for one request, pushing text as it decodes; return its finish reason."""
-        from transformers import StoppingCriteriaList
+    def _run(self, generations: list[Generation]) -> dict[int, str]:
+        """Generate for a batch of requests, pushing each one's text as it decodes; their finish reasons."""
+        from finesmith.serve.batch import Row, decode_batch, row_generator
 
-        sampling, prompt = generation.sampling, generation.prompt
-        scanner = StopScanner(sampling.stop)
-        halt = _Halt(self, generation, scanner)
-        ids = torch.tensor([prompt], device=self.device)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                      streamer=_channel_streamer(self.tokenizer, generation, scanner),
-                      stopping_criteria=StoppingCriteriaList([halt]),
-                      max_new_tokens=self.token_budget(prompt, sampling.max_tokens),
-                      eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
-                      **sampling_arguments(sampling))
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
-            out = self.model.generate(**kwargs)
-        new = out[0, len(prompt):].tolist()
-        generation.completion_tokens = len(new)
-        if scanner.stopped:
-            return "stop"
-        if new and new[-1] in self.stop_ids:
-            reason = "stop"
-        elif halt.interrupted:
-            return "cancelled"
-        else:
-            reason = "length"
-        if tail := scanner.flush():
-            generation._push(tail)
-        return reason
+        rows, scanners = [], []
+        for g in generations:
+            scanner = StopScanner(g.sampling.stop)
+            scanners.append(scanner)
 
+            def emit(piece: str, g: Generation = g, scanner: StopScanner = scanner) -> bool:
+                if not scanner.stopped and (shown := scanner.feed(piece)):
+                    g._push(shown)
+                return not scanner.stopped
 
-def sampling_arguments(sampling: Sampling) -> dict[str, Any]:
-    """`generate` keyword arguments: greedy at temperature 0, else temperature + nucleus sampling."""
-    if sampling.temperature <= 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+            rows.append(Row(g.prompt, self.token_budget(g.prompt, g.sampling.max_tokens), g.sampling.temperature,
+                            g.sampling.top_p, row_generator(g.sampling.seed, self.device), emit, g.cancelled.is_set))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        decode_batch(self.model, self.tokenizer, rows, set(self.stop_ids), pad, lambda: self._deadline)
+        reasons = {}
+        for g, row, scanner in zip(generations, rows, scanners):
+            g.completion_tokens = len(row.tokens)
+            if row.reason in ("stop", "length") and not scanner.stopped and (tail := scanner.flush()):
+                g._push(tail)
+            reasons[id(g)] = "stop" if scanner.stopped else row.reason
+        return reasons
 
 
 def load_engine(spec: str, device: str | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,

@@ -1,0 +1,137 @@
+"""Batched decoding for the server: requests that arrive together are generated together.
+
+The prompts are left-padded into one batch (an explicit attention mask and position ids,
+so padding changes nothing) and prefilled in one forward pass; then each step feeds every
+live row its last token through one forward pass over the shared KV cache. A row that
+finishes (end of turn, stop string, token budget, its reader left) leaves the batch, and its
+rows of the cache are dropped. Every row samples with its own generator, seeded from its
+request's `seed`, so an answer does not depend on which other requests shared its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+REPLACEMENT = "\ufffd"  # what a token that ends mid-character decodes to
+
+
+@dataclass
+class Row:
+    """One request in the batch: its sampling, budget, tokens so far and text shown so far."""
+
+    prompt: list[int]
+    budget: int
+    temperature: float
+    top_p: float
+    generator: torch.Generator
+    emit: Callable[[str], bool]  # shows text; returns False once a stop string has been seen
+    cancelled: Callable[[], bool]
+    tokens: list[int] = field(default_factory=list)
+    shown: int = 0  # characters of the decoded tokens already handed to `emit`
+    reason: str | None = None
+
+
+def row_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def pick(logits: torch.Tensor, row: Row) -> int:
+    """Greedy at temperature 0, else temperature and nucleus (top-p) sampling with the row's generator."""
+    if row.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / row.temperature, dim=-1)
+    if row.top_p < 1.0:
+        ordered, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(ordered, dim=-1) - ordered < row.top_p  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def decode_batch(model: Any, tokenizer: Any, rows: list[Row], stop_ids: set[int], pad_id: int,
+                 deadline: Callable[[], float | None]) -> None:
+    """Generate for every row until each has a `reason`: stop, length or cancelled (`interrupted`
+    when the deadline passed)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    width = max(len(r.prompt) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
+        mask[i, width - len(row.prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    # transformers 5.x renames `past_key_values` to `cache`; pass whichever this model takes
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    live = list(range(len(rows)))
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+        while True:
+            limit = deadline()
+            interrupted = limit is not None and time.monotonic() > limit
+            keep, last = [], []
+            for slot, index in enumerate(live):
+                row = rows[index]
+                if interrupted:
+                    row.reason = "interrupted"
+                elif row.cancelled():
+                    row.reason = "cancelled"
+                else:
+                    token = pick(logits[slot], row)
+                    row.reason = step(tokenizer, row, token, stop_ids)
+                if row.reason is None:
+                    keep.append(slot)
+                    last.append(row.tokens[-1])
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                live = [live[slot] for slot in keep]
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids = torch.tensor(last, device=device).unsqueeze(1)
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{cache_kw: cache}).logits[:, -1]
+
+
+def step(tokenizer: Any, row: Row, token: int, stop_ids: set[int]) -> str | None:
+    """Take one token for `row`, show any new text; the row's finish reason, or None to go on."""
+    if token in stop_ids:
+        row.tokens.append(token)
+        flush(tokenizer, row)
+        return "stop"
+    row.tokens.append(token)
+    text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+    if not text.endswith(REPLACEMENT) and len(text) > row.shown:
+        piece, row.shown = text[row.shown:], len(text)
+        if not row.emit(piece):
+            return "stop"
+    if len(row.tokens) >= row.budget:
+        flush(tokenizer, row)
+        return "length"
+    return None
+
+
+def flush(tokenizer: Any, row: Row) -> None:
+    """Show what is left undisplayed (a trailing partial character at the very end)."""
+    text = tokenizer.decode([t for t in row.tokens], skip_special_tokens=True)
+    if len(text) > row.shown:
+        piece, row.shown = text[row.shown:], len(text)
+        row.emit(piece)
