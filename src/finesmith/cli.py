@@ -399,6 +399,8 @@ def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request "
                                          "(required on any interface but loopback)")
     serve.add_argument("--no-jobs", action="store_true", help="serve the models only: no files, jobs or dashboard")
+    serve.add_argument("--runs", action="append", metavar="DIR",
+                       help="a folder of runs (and compare reports) for the dashboard; repeatable (default: ./runs)")
     serve.add_argument("--queue-size", type=int, default=32, metavar="N",
                        help="requests that may wait for the model while one runs; beyond that clients get "
                             "HTTP 429 with Retry-After (default 32)")
@@ -429,7 +431,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from finesmith.serve.server import serve
 
     serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size, precision=args.precision,
-          jobs=not args.no_jobs)
+          jobs=not args.no_jobs, runs=args.runs)
 
 
 def add_advise_command(sub: argparse._SubParsersAction) -> None:

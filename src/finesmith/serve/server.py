@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import time
 import uuid
@@ -114,13 +115,15 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
-def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jobs: Any = None) -> FastAPI:
+def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jobs: Any = None,
+              runs: list[str] | None = None) -> FastAPI:
     """The FastAPI application serving `models`.
 
     Args:
         models: one loaded model, or the registry of every served model.
         api_key: when set, every `/v1` request needs `Authorization: Bearer <api_key>`.
-        jobs: a `finesmith.serve.jobs.JobService`: adds the files and fine-tuning jobs API.
+        jobs: a `finesmith.serve.jobs.JobService`: adds the files and fine-tuning jobs API and the dashboard.
+        runs: folders whose runs (and compare reports) the dashboard shows besides the jobs'.
 
     Returns:
         A FastAPI app for uvicorn.
@@ -198,9 +201,13 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
         return reply.text(await finish(generation, request), generation)
 
     if jobs is not None:
+        from pathlib import Path
+
+        from finesmith.serve.dashboard import add_dashboard
         from finesmith.serve.jobs import add_routes
 
         add_routes(app, jobs)
+        add_dashboard(app, jobs.store, [Path(r) for r in runs or []])
     return app
 
 
@@ -348,7 +355,7 @@ def sse(payload: dict[str, Any]) -> str:
 
 def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto",
-          jobs: bool = True) -> None:
+          jobs: bool = True, runs: list[str] | None = None) -> None:
     """Serve models, and the fine-tuning jobs API, until SIGTERM or Ctrl-C (`finesmith serve`).
 
     Args:
@@ -360,7 +367,8 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
         log: where to print the start-up lines.
         queue_size: requests allowed to wait for each model; beyond that clients get 429.
         precision: model dtype (`auto`: bf16 on CUDA, fp32 on CPU).
-        jobs: serve the files and fine-tuning jobs API (state in `$FINESMITH_HOME`).
+        jobs: serve the files and fine-tuning jobs API and the dashboard (state in `$FINESMITH_HOME`).
+        runs: folders of local runs for the dashboard (default: `./runs` when it exists).
     """
     specs = [specs] if isinstance(specs, str) else list(specs)
     if host not in LOOPBACK and not api_key:
@@ -383,7 +391,9 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
         f"up to {queue_size} waiting per model)" + ("; requests need the API key" if api_key else ""))
     if service:
         log(f"fine-tuning jobs API on; state in {service.store.root}; dashboard at http://{host}:{port}/")
-    config = uvicorn.Config(build_app(registry, api_key, service), host=host, port=port, log_level="warning",
+    if runs is None:
+        runs = ["runs"] if os.path.isdir("runs") else []
+    config = uvicorn.Config(build_app(registry, api_key, service, runs), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
     try:
         DrainingServer(config, registry).run()

@@ -1,0 +1,134 @@
+"""The dashboard at `/`: jobs and local runs with live loss and eval curves, a run's compare
+report, a form to start a job from an uploaded file, and a chat box for any served model.
+
+One static page and one script, shipped in the wheel (`finesmith/resources/dashboard/`),
+no CDN: the page talks to the same `/v1` API as any client (files, jobs, models, chat) plus
+two read-only endpoints here, which read runs through `load_run` like every other reader:
+
+- `GET /v1/finesmith/runs`: every run (jobs' runs and the folders under `--runs`), with
+  state, method, objective, steps and losses;
+- `GET /v1/finesmith/runs/{id}/metrics`: its loss and eval-loss curves from `metrics.jsonl`;
+- `GET /v1/finesmith/reports` and `/v1/finesmith/reports/{id}`: compare reports
+  (`report.html` folders written by `finesmith compare`) found under `--runs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, Response
+
+from finesmith.errors import FinesmithError
+
+
+def _asset(name: str) -> str:
+    return resources.files("finesmith").joinpath("resources", "dashboard", name).read_text(encoding="utf-8")
+
+
+def run_id(folder: Path) -> str:
+    return hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+
+
+def run_folders(store: Any, roots: list[Path]) -> dict[str, tuple[Path, str | None]]:
+    """id -> (run folder, job id or None), jobs first (newest first), then `roots`' runs by name."""
+    found: dict[str, tuple[Path, str | None]] = {}
+    if store is not None:
+        jobs, _ = store.jobs(limit=100)
+        for job in jobs:
+            folder = Path(job["output"]) / "run"
+            if (folder / "run.json").is_file():
+                found[run_id(folder)] = (folder, job["id"])
+    for root in roots:
+        if not root.is_dir():
+            continue
+        candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+        for folder in candidates:
+            if (folder / "run.json").is_file():
+                found.setdefault(run_id(folder), (folder, None))
+    return found
+
+
+def run_summary(folder: Path, job: str | None) -> dict[str, Any]:
+    from finesmith.run import load_run
+
+    run = load_run(folder)
+    record = run.record
+    result = record.result or {}
+    return {"id": run_id(folder), "name": folder.parent.name if job else folder.name, "job": job,
+            "folder": str(folder), "state": record.state, "method": record.method.get("name"),
+            "objective": record.config.get("objective", "sft"), "base": run.base_spec,
+            "steps": result.get("steps"), "total_steps": record.schedule.get("total_steps"),
+            "final_loss": result.get("final_loss"), "eval_loss": result.get("eval_loss"), "created": record.created}
+
+
+def curves(folder: Path) -> dict[str, list[list[float]]]:
+    """`{"loss": [[step, loss], ...], "eval_loss": [...]}` from the run's metrics."""
+    out: dict[str, list[list[float]]] = {"loss": [], "eval_loss": []}
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for key in out:
+            if key in entry and entry.get("step") is not None:
+                out[key].append([entry["step"], entry[key]])
+    return out
+
+
+def reports(roots: list[Path]) -> dict[str, Path]:
+    found = {}
+    for root in roots:
+        if root.is_dir():
+            for path in sorted(root.glob("*/report.html")) + sorted(root.glob("report.html")):
+                found[run_id(path.parent)] = path
+    return found
+
+
+def add_dashboard(app: FastAPI, store: Any, roots: list[Path]) -> None:
+    """The page, its script and the read-only run endpoints on `app`."""
+    from finesmith.serve.server import APIError
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return _asset("index.html")
+
+    @app.get("/dashboard/app.js")
+    async def script() -> Response:
+        return Response(_asset("app.js"), media_type="text/javascript")
+
+    @app.get("/v1/finesmith/runs")
+    async def list_runs() -> dict[str, Any]:
+        data = []
+        for folder, job in run_folders(store, roots).values():
+            try:
+                data.append(run_summary(folder, job))
+            except FinesmithError:
+                continue  # a folder being written; it shows on the next poll
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/finesmith/runs/{rid}/metrics")
+    async def run_metrics(rid: str) -> dict[str, Any]:
+        found = run_folders(store, roots).get(rid)
+        if found is None:
+            raise APIError(404, f"no run with id {rid}", param="id", code="run_not_found")
+        return {"id": rid, **curves(found[0])}
+
+    @app.get("/v1/finesmith/reports")
+    async def list_reports() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": k, "name": p.parent.name, "path": str(p)}
+                                           for k, p in reports(roots).items()]}
+
+    @app.get("/v1/finesmith/reports/{rid}", response_class=HTMLResponse)
+    async def report(rid: str) -> str:
+        found = reports(roots).get(rid)
+        if found is None:
+            raise APIError(404, f"no compare report with id {rid}", param="id", code="report_not_found")
+        return found.read_text(encoding="utf-8")
