@@ -229,3 +229,11 @@ def test_sigkill_while_a_job_runs_then_restart_finishes_it(tiny_model, tmp_path)
         assert done.fine_tuned_model in [m.id for m in client.models.list().data]
     finally:
         server.stop()
+
+
+def test_serving_off_loopback_needs_a_key(tiny_model, capsys):
+    from finesmith.cli import main
+
+    assert main(["serve", tiny_model, "--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "needs --api-key" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

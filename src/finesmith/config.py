@@ -27,7 +27,7 @@ PARALLELISM = ("auto", "ddp", "fsdp")
 AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
 TOOL_FORMATS = ("template", "hermes")  # see finesmith.data.tool_templates
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
 PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto")
 
 # Default tokens per packed row. Attention in a row costs the square of its length: on a
@@ -76,6 +76,20 @@ class PreferenceSettings:
     desirable_weight: float = 1.0  # kto: weight of desirable examples
     undesirable_weight: float = 1.0  # kto: weight of undesirable examples
     share_prompt: bool = True  # compute each pair's prompt once; both answers attend to it
+
+
+@dataclass
+class GRPOSettings:
+    """Settings of reinforcement fine-tuning (`objective: grpo`; see finesmith.train.grpo)."""
+
+    group_size: int = 4  # answers sampled per prompt; advantages compare them
+    max_new_tokens: int = 64  # longest sampled answer
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epsilon: float = 0.2  # clip range of the probability ratio
+    beta: float = 0.0  # weight of the KL term to the reference (the base with the adapter disabled)
+    iterations: int = 1  # optimizer steps per batch of samples (above 1, clipping acts)
+    scale_rewards: bool = True  # divide advantages by the group's reward std
 
 
 @dataclass
@@ -144,6 +158,10 @@ class TrainConfig:
     full: FullSettings = field(default_factory=FullSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     preference: PreferenceSettings = field(default_factory=PreferenceSettings)
+    # objective grpo: reward functions, "path/module.py:function" or exact_match | regex:PATTERN | length:MIN-MAX
+    reward: list[str] | str = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)  # one per reward (default 1 each)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
     def resolved_lr(self) -> float:
         """The learning rate in effect: the user's, or the method's well-tried default."""
@@ -168,6 +186,17 @@ class TrainConfig:
         _choice("truncation", self.truncation, TRUNCATION_POLICIES)
         _choice("tool_format", self.tool_format, TOOL_FORMATS)
         _choice("objective", self.objective, OBJECTIVES)
+        if self.objective == "grpo":
+            g = self.grpo
+            for key, ok, need in (("group_size", g.group_size >= 2, "at least 2"),
+                                  ("max_new_tokens", g.max_new_tokens >= 1, "at least 1"),
+                                  ("temperature", g.temperature > 0, "above 0 (sampling must vary the answers)"),
+                                  ("top_p", 0 < g.top_p <= 1, "in (0, 1]"), ("epsilon", 0 < g.epsilon < 1, "in (0, 1)"),
+                                  ("beta", g.beta >= 0, "at least 0"), ("iterations", g.iterations >= 1, "at least 1")):
+                if not ok:
+                    raise FinesmithError(f"config: `grpo.{key}` must be {need}, got {getattr(g, key)}")
+            if self.packing:
+                raise FinesmithError("config: objective grpo samples answers per prompt; set packing: false")
         if not 0 <= self.preference.label_smoothing < 0.5:
             raise FinesmithError(f"config: `preference.label_smoothing` must be in [0, 0.5), got "
                                  f"{self.preference.label_smoothing}")
@@ -352,8 +381,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return value
         if option is str and isinstance(value, str):
             return value
-        if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            item = (typing.get_args(option) or (str,))[0]
+            if item is str and all(isinstance(v, str) for v in value):
+                return value
+            if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return [float(v) for v in value]
         if typing.get_origin(option) is dict and isinstance(value, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             return dict(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     with distributed.one_at_a_time("prepare-data"):  # the first rank tokenizes, the others read its cache
         tokenizer, added_tokens = load_chat_tokenizer(config.model, notify=console.print)
         hermes = apply_tool_format(tokenizer, config.tool_format)
-        train_data = prepare_data(tokenizer, config.data.path, config, "train")
-        eval_data = prepare_data(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
+        prepare = prepare_prompts if config.objective == "grpo" else prepare_data
+        train_data = prepare(tokenizer, config.data.path, config, "train")
+        eval_data = prepare(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
     device = distributed.init(world) if world.distributed else pick_device()
     config, chosen = resolve_auto(config, len(train_data.examples))
     if chosen:
@@ -124,13 +126,17 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
     if world.main:
         write_record(output, record)
         save_config(trained_config, output / "config.yaml")
-    objective = method.objective(config.objective, config.preference)
+    if config.objective == "grpo":  # the sampler is the batch layout: it needs the model and the rewards
+        objective = build_grpo(model, tokenizer, config)
+    else:
+        objective = method.objective(config.objective, config.preference)
     attention = resolve_attention(config.attention, device)
     if attention == "varlen" and (config.objective != "sft" or method.layout != "packed"):
         attention = "dense"  # preference tries need their ancestor masks; virtual tokens need padded rows
     if attention == "varlen":
         use_varlen(model)
-    collate = method.collate(config.row_tokens, config.objective, config.preference.share_prompt, attention)
+    collate = (objective.collate if config.objective == "grpo" else
+               method.collate(config.row_tokens, config.objective, config.preference.share_prompt, attention))
     if config.compile:
         compile_body(model)
     if getattr(objective, "needs_reference", False):
@@ -180,6 +186,9 @@ def check_world(config: TrainConfig, world: distributed.World) -> None:
     if mode == "fsdp" and config.optimizer != "adamw":
         raise FinesmithError(f"optimizer {config.optimizer} keeps state FSDP2 cannot shard; use optimizer: adamw "
                              "with parallelism: fsdp (its state is sharded anyway), or parallelism: ddp")
+    if mode == "fsdp" and config.objective == "grpo":
+        raise FinesmithError("objective grpo samples different answers on each process, which FSDP2's shared "
+                             "forward passes cannot do; use parallelism: ddp")
     if mode == "fsdp" and config.method in PROMPT_METHODS:
         raise FinesmithError(f"method {config.method} trains a few virtual tokens: there is nothing to shard; "
                              "use parallelism: ddp (or auto)")
@@ -342,6 +351,35 @@ def prepare_data(tokenizer: Any, path: str, config: TrainConfig, name: str) -> P
                                     "tokens": stats.tokens, "tokens_sha256": tokens_fingerprint(tokenized)})
 
 
+def prepare_prompts(tokenizer: Any, path: str, config: TrainConfig, name: str) -> PreparedData:
+    """The prompts of an SFT-shaped file for reinforcement fine-tuning (`objective: grpo`)."""
+    from finesmith.train.grpo import load_prompts
+
+    prompts = load_prompts(tokenizer, path, config.data.format, config.data.fields, config.max_length)
+    if name == "train" and len(prompts) < MIN_EXAMPLES:
+        raise FinesmithError(f"{path}: only {len(prompts)} prompts; at least {MIN_EXAMPLES} are needed")
+    if not prompts:
+        raise FinesmithError(f"{path}: no prompts found")
+    with_reference = sum(p.fields.get("reference") is not None for p in prompts)
+    console.print(f"{name} data {path}: {len(prompts)} prompts ({with_reference} with a reference answer)")
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(np.asarray(p.prompt_ids, dtype=np.int64).tobytes() + b"|")
+        digest.update(json.dumps(p.fields, sort_keys=True, default=str).encode() + b"|")
+    return PreparedData(prompts, {"path": portable_spec(path), "cache_key": None, "examples": len(prompts),
+                                  "tokens": sum(len(p) for p in prompts), "tokens_sha256": digest.hexdigest()})
+
+
+def build_grpo(model: Any, tokenizer: Any, config: TrainConfig) -> Any:
+    """The GRPO sampler and objective for `model`, with the config's reward functions."""
+    from finesmith.train.grpo import GRPO, GRPOSettings
+    from finesmith.train.rewards import load_rewards
+
+    specs = [config.reward] if isinstance(config.reward, str) else list(config.reward)
+    rewards = load_rewards(specs, config.reward_weights)
+    return GRPO(model, tokenizer, GRPOSettings(**dataclasses.asdict(config.grpo)), rewards)
+
+
 def tokens_fingerprint(examples: list[TokenizedExample]) -> str:
     """SHA-256 of the tokens and masks in order: identifies exactly the data a run trained on."""
     digest = hashlib.sha256()
@@ -362,7 +400,8 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> Loo
         n_micro = len(bins)
     else:
         n_micro = math.ceil(len(train_set) / config.batch_size)
-    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch(n_micro, config.grad_accum)))
+    repeat = config.grpo.iterations if config.objective == "grpo" else 1  # steps per batch of samples
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch(n_micro, config.grad_accum) * repeat))
     return LoopSettings(
         lr=config.resolved_lr(), total_steps=total, batch_size=config.batch_size, grad_accum=config.grad_accum,
         warmup_steps=math.ceil(config.warmup_ratio * total), weight_decay=config.weight_decay,
@@ -372,7 +411,8 @@ def loop_settings(config: TrainConfig, train_set: list[TokenizedExample]) -> Loo
         early_stopping_patience=config.early_stopping_patience, optimizer=config.optimizer,
         embedding_lr_ratio=config.embedding_lr_ratio, precision=config.precision,
         report_to=tuple(config.report_to),
-        parallelism=distributed.parallelism(config.parallelism, config.method, distributed.world_from_env()))
+        parallelism=distributed.parallelism(config.parallelism, config.method, distributed.world_from_env()),
+        repeat=repeat)
 
 
 def compile_body(model: Any) -> None:

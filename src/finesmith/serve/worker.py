@@ -3,7 +3,7 @@
 The service starts it (never the HTTP process itself) with `FINESMITH_HOME` set. It turns
 the job into an ordinary finesmith config (`jobs/JOB_ID/config.yaml`), checks the data with
 the job's model tokenizer, marks the job running and trains through the same CLI a user
-runs, so the job's folder `jobs/JOB_ID/run` is an ordinary run (record, metrics,
+runs (`finesmith train`, exec'd in this process), so the job's folder `jobs/JOB_ID/run` is an ordinary run (record, metrics,
 checkpoints). Exit status is the CLI's: 0 done, 75 stopped with a checkpoint (cancel,
 shutdown), 2 a problem with the job's input, 1 anything else.
 """
@@ -11,6 +11,7 @@ shutdown), 2 a problem with the job's input, 1 anything else.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 from pathlib import Path
@@ -78,8 +79,6 @@ def die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finesmith.cli import main as cli_main
-
     job_id, spec, resume = (argv or sys.argv[1:])[0], (argv or sys.argv[1:])[1], "--resume" in (argv or sys.argv)
     store = Store()
     job = store.job(job_id)
@@ -94,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     store.update_job(job_id, status=RUNNING, attempts=job["attempts"] + 1)
     store.add_event(job_id, "Fine-tuning job resumed from its last checkpoint" if resume
                     else "Fine-tuning job started", key=f"started-{job['attempts'] + 1}")
-    return cli_main(["train", str(path), "--resume" if resume else "--overwrite"])
+    # The same command a user runs, in this process (exec keeps its pid and its parent-death signal)
+    os.execv(sys.executable, [sys.executable, "-m", "finesmith", "train", str(path),
+                              "--resume" if resume else "--overwrite"])
+    return 1  # not reached
 
 
 if __name__ == "__main__":

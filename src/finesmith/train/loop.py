@@ -8,6 +8,7 @@ save, exit", and a guard against non-finite numbers that skips such steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -67,6 +68,7 @@ class LoopSettings:
     flops_per_token: float = 0.0  # with peak_flops: model FLOPs utilisation in the log (GPUs)
     peak_flops: float = 0.0
     parallelism: str = "ddp"  # ddp | fsdp, with several processes (see finesmith.train.distributed.parallelism)
+    repeat: int = 1  # optimizer steps on each step's micro-batches (GRPO's iterations per batch of samples)
 
 
 @dataclass
@@ -115,6 +117,12 @@ def micro_batches(examples: Sequence[TokenizedExample], settings: LoopSettings) 
     longest-first). The stream depends only on the seed, so a resumed run finds its place by
     skipping the micro-batches it already trained on.
     """
+    if settings.repeat > 1:  # each step's micro-batches, `repeat` steps in a row
+        stream = micro_batches(examples, dataclasses.replace(settings, repeat=1))
+        while True:
+            step = [next(stream) for _ in range(settings.grad_accum)]
+            for _ in range(settings.repeat):
+                yield from step
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(settings.seed + epoch)
         order = torch.randperm(len(examples), generator=generator).tolist()
@@ -181,6 +189,12 @@ class _Window:
     tokens: int = 0
     real: int = 0
     started: float = field(default_factory=time.perf_counter)
+    extras: dict[str, list[float]] = field(default_factory=dict)  # objective metrics of each step (GRPO's rewards)
+
+    def add_extras(self, batches: list[dict[str, Any]]) -> None:
+        logs = [b["log"] for b in batches if isinstance(b.get("log"), dict)]
+        for key, value in step_metrics(logs).items():
+            self.extras.setdefault(key, []).append(value)
 
 
 def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, output: Path,
@@ -238,6 +252,10 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     def save(with_optimizer: bool = True) -> Path:  # every rank: shards are written collectively, the rest once
         return save_checkpoint(output, model, optimizer, scheduler, state, settings.keep_checkpoints, with_optimizer)
 
+    if eval_set and getattr(objective, "measure_before", False) and state.step == 0:
+        before = evaluate_metrics(model, eval_set, settings.batch_size, objective, collate, settings.precision)
+        log.write({"step": 0, **{f"eval_{k}": round(v, 5) for k, v in before.items()}})
+        model.train()
     result = TrainResult(state.step, float("nan"), state.eval_loss, 0.0, 0.0, skipped_steps=state.bad_steps)
     window, started, all_tokens = _Window(), time.perf_counter(), 0
     model.train()
@@ -249,6 +267,7 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
                 state.step += 1
                 state.micro_batches += settings.grad_accum
                 loss, grad_norm, tokens, real = train_step(trained, batches, objective, optimizer, settings, device)
+                window.add_extras(batches)
                 scheduler.step()
                 all_tokens += real
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -292,6 +311,22 @@ def fit(model: Any, train: Sequence[TokenizedExample], settings: LoopSettings, o
     result.best_step, result.best_eval_loss = state.best_step, state.best_eval_loss
     result.tokens_per_second = all_tokens / max(result.seconds, 1e-9)
     return result
+
+
+def step_metrics(logs: list[dict[str, Any]]) -> dict[str, float]:
+    """One step's objective metrics from its micro-batches' `log` dicts: plain values averaged
+    over micro-batches; `_clipped`/`_kl` summed and divided by `_tokens` (clip fraction, KL per token)."""
+    if not logs:
+        return {}
+    out: dict[str, float] = {}
+    for key in logs[0]:
+        if not key.startswith("_"):
+            out[key] = sum(float(log.get(key, 0.0)) for log in logs) / len(logs)
+    tokens = sum(float(log.get("_tokens", 0.0)) for log in logs)
+    if tokens:
+        out["clip_fraction"] = sum(float(log.get("_clipped", 0.0)) for log in logs) / tokens
+        out["kl"] = sum(float(log.get("_kl", 0.0)) for log in logs) / tokens
+    return out
 
 
 def train_step(model: Any, batches: list[dict[str, Any]], objective: Objective,
@@ -403,7 +438,8 @@ def _log_window(log: MetricsLog, window: _Window, step: int, scheduler: Any, gra
     elapsed = time.perf_counter() - window.started
     record = {"step": step, "loss": round(loss, 5), "lr": scheduler.get_last_lr()[0],
               "grad_norm": round(grad_norm, 4), "tokens_per_s": round(window.real / max(elapsed, 1e-9), 1),
-              "elapsed_s": round(time.perf_counter() - started, 2)}
+              "elapsed_s": round(time.perf_counter() - started, 2),
+              **{k: round(sum(v) / len(v), 5) for k, v in window.extras.items() if v}}
     info = f"loss {loss:.4f} · {record['tokens_per_s']:.0f} tok/s"
     if settings.flops_per_token and settings.peak_flops:
         record["mfu"] = round(record["tokens_per_s"] * settings.flops_per_token / settings.peak_flops, 4)
