@@ -35,7 +35,7 @@ def test_dashboard_starts_a_job_shows_its_curve_and_chats(tiny_model, tmp_path):
             page.dispatch_event("#api-key", "change")
             page.wait_for_function("document.querySelector('#job-model').options.length > 0")
             page.set_input_files("#job-file", data)
-            page.fill("#job-epochs", "20")
+            page.fill("#job-epochs", "10")
             page.fill("#job-suffix", "browser")
             page.click("#job-form button[type=submit]")
             page.wait_for_function("document.querySelector('#job-message').textContent.startsWith('started ftjob-')")

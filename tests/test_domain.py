@@ -169,7 +169,7 @@ def test_stage_config_parsing_and_errors() -> None:
     pre, sft = parse_stages(raw, "cfg.yaml")
     assert (pre.settings.add_tokens, pre.raw["epochs"], pre.raw["method"], pre.raw["lr"]) == (5, 1, "lora", 1e-4)
     assert "stages" not in pre.raw and "add_tokens" not in pre.raw and sft.raw["method"] == "full"
-    bad = [{"stages": []}, {"stages": [{"objective": "grpo"}]}, {"stages": [{"name": "a"}, {"name": "a"}]},
+    bad = [{"stages": []}, {"stages": [{"objective": "ppo"}]}, {"stages": [{"name": "a"}, {"name": "a"}]},
            {"stages": [{"objective": "cpt", "add_tokens": {"top": 3}}]}, {"stages": [{"add_tokens": ["x"]}]}]
     for config in bad:
         with pytest.raises(FinesmithError):

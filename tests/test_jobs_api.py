@@ -201,12 +201,12 @@ def test_sigkill_while_a_job_runs_then_restart_finishes_it(tiny_model, tmp_path)
     client = server.client
     uploaded = client.files.create(file=open(sft_file(tmp_path, copies=1), "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=uploaded.id, method={
-        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 25, "batch_size": 2}}})
-    total = 25 * 6
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 12, "batch_size": 2}}})
+    total = 12 * 6
     deadline = time.monotonic() + TIMEOUT
     while True:  # until training is well under way (a few checkpoints written)
         steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=5).data if e.type == "metrics"]
-        if steps and max(steps) >= 20:
+        if steps and max(steps) >= 12:
             break
         assert time.monotonic() < deadline and client.fine_tuning.jobs.retrieve(job.id).status != "failed"
         time.sleep(0.2)
