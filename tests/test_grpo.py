@@ -174,6 +174,12 @@ def test_grpo_logs_its_metrics_and_resumes_exactly(tiny_model, tmp_path, monkeyp
     assert all(m["reward"] == pytest.approx(2 * m["reward_short"], abs=2e-5) for m in steps)  # weighted total
     evals = [m for m in lines if "eval_reward" in m]
     assert [m["step"] for m in evals] == [0, 4]  # the held-out reward before and after
+    from finesmith.evaluate.report import reward_rows
+
+    header, rows = reward_rows([("grpo run", straight)])  # and in the compare report
+    assert header[:5] == ["run", "step", "reward before", "reward after", "change"] and "short after" in header
+    assert rows == [["grpo run", "0 → 4", f"{evals[0]['eval_reward']:.3f}", f"{evals[1]['eval_reward']:.3f}",
+                     f"{evals[1]['eval_reward'] - evals[0]['eval_reward']:+.3f}", f"{evals[1]['eval_reward_short']:.3f}"]]
 
     with monkeypatch.context() as m:
         m.setenv(STOP_AFTER_ENV, "2")
@@ -184,3 +190,18 @@ def test_grpo_logs_its_metrics_and_resumes_exactly(tiny_model, tmp_path, monkeyp
     assert [(m["step"], m["reward"], m["loss"]) for m in resumed] == [(m["step"], m["reward"], m["loss"]) for m in steps]
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_iterations_train_again_on_the_same_samples_with_the_kl_term(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA])
+    out = tmp_path / "run"
+    assert main(grpo_args(tiny_model, data, out, "length:3-12", "grpo.iterations=2", "grpo.beta=0.1",
+                          "grpo.temperature=1.5")) == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 4
+    # steps 1-2 and 3-4 train on one batch of samples each: the same rewards and lengths
+    assert (steps[0]["reward"], steps[0]["completion_length"]) == (steps[1]["reward"], steps[1]["completion_length"])
+    assert (steps[2]["reward"], steps[2]["completion_length"]) == (steps[3]["reward"], steps[3]["completion_length"])
+    # at step 1 the adapter is still zero, so the policy is the reference; after an update it is not
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0
+    assert all(0 <= s["clip_fraction"] <= 1 for s in steps)

@@ -1,57 +1,49 @@
-"""Write the GRPO demo's data: small arithmetic word problems with a strict answer line.
+"""Write the GRPO demo's data: the preference demo's support-desk task (find the order number,
+reply with exactly `Order: <number>`), here learned from a reward instead of from pairs.
 
-Every prompt asks for one line `Answer: <number>`; the reference answer is that line, and
-the row also carries the number itself (`answer`), which the reward functions receive.
+The messages come from `examples/preference/make_data.py` with the same seed, so the SFT rows
+and the 80 held-out prompts are exactly the preference demo's, and the two demos compare:
 
-- data/sft.jsonl: 40 solved problems (a short SFT stage teaches the format);
-- data/prompts.jsonl: 160 problems for GRPO (the model answers them itself);
-- data/heldout.jsonl: 80 other problems, measured for every model.
+- data/sft.jsonl: the same 60 demonstrations (a short SFT stage learns the format part-way);
+- data/prompts.jsonl: the 240 prompts of the preference pairs, each with its reference line
+  and `answer` (the order number), which the reward function receives; no answers are shown
+  to the model: it samples its own;
+- data/heldout.jsonl: the same 80 held-out prompts, with `answer` (for measure.py and as the
+  eval set whose reward is logged before and after GRPO).
 
-Seeded, so the files are the same every time.  python examples/grpo/make_data.py
+    python examples/grpo/make_data.py
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import random
+import re
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-THINGS = ["apples", "books", "coins", "stamps", "marbles", "shells", "pencils", "cards", "boxes", "tickets"]
-NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
-INSTRUCTION = "Reply with one line: Answer: <number>"
-
-
-def problem(rng: random.Random) -> tuple[str, int]:
-    name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a, b = rng.randint(2, 20), rng.randint(2, 20)
-    if rng.random() < 0.5:
-        return f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now? {INSTRUCTION}", a + b
-    a, b = max(a, b), min(a, b)
-    return f"{name} has {a} {thing} and gives away {b}. How many {thing} are left? {INSTRUCTION}", a - b
-
-
-def rows(rng: random.Random, n: int, seen: set[str]) -> list[dict]:
-    out = []
-    while len(out) < n:
-        question, answer = problem(rng)
-        if question in seen:
-            continue
-        seen.add(question)
-        out.append({"messages": [{"role": "user", "content": question},
-                                 {"role": "assistant", "content": f"Answer: {answer}"}], "answer": answer})
-    return out
+spec = importlib.util.spec_from_file_location("preference_data", HERE.parent / "preference" / "make_data.py")
+preference = importlib.util.module_from_spec(spec)
+sys.modules["preference_data"] = preference  # dataclasses look their module up
+spec.loader.exec_module(preference)
 
 
 def main() -> None:
-    rng, seen = random.Random(7), set()
+    sets = preference.build(seed=0)
     folder = HERE / "data"
     folder.mkdir(exist_ok=True)
-    for name, n in (("heldout", 80), ("sft", 40), ("prompts", 160)):
-        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows(rng, n, seen):
-                f.write(json.dumps(row) + "\n")
-    print(f"wrote {folder}/sft.jsonl (40), prompts.jsonl (160), heldout.jsonl (80)")
+    prompts = []
+    for pair in sets["pairs"]:
+        number = re.fullmatch(r"Order: (\d+)", pair["chosen"]).group(1)
+        prompts.append({"messages": pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}],
+                        "answer": number})
+    heldout = [{"messages": row["messages"] + [{"role": "assistant", "content": f"Order: {row['answer']}"}],
+                "answer": row["answer"]} for row in sets["heldout"]]
+    for name, rows in (("sft", sets["sft"]), ("prompts", prompts), ("heldout", heldout)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    print(f"wrote {folder}: sft.jsonl ({len(sets['sft'])}), prompts.jsonl ({len(prompts)}), "
+          f"heldout.jsonl ({len(heldout)})")
 
 
 if __name__ == "__main__":

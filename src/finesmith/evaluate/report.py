@@ -131,6 +131,33 @@ def tool_call_rows(entries: Sequence[tuple[str, EvalResult]]) -> tuple[list[str]
     return header, rows
 
 
+def reward_rows(runs: Sequence[tuple[str, Path]]) -> tuple[list[str], list[list[str]]] | None:
+    """Before/after rows for runs that logged a held-out reward (`objective: grpo`): the mean
+    reward of greedy answers on the eval prompts at step 0 and at the last eval, per function."""
+    header: list[str] = ["run", "step", "reward before", "reward after", "change"]
+    rows, extra = [], []
+    for name, folder in runs:
+        path = Path(folder) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        evals = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if '"eval_reward"' in line]
+        if not evals:
+            continue
+        first, last = evals[0], evals[-1]
+        parts = [k for k in last if k.startswith("eval_reward_")]
+        extra += [k for k in parts if k not in extra]
+        rows.append((name, first, last, parts))
+    if not rows:
+        return None
+    header += [f"{k[len('eval_reward_'):]} after" for k in extra]
+    out = []
+    for name, first, last, _ in rows:
+        change = last["eval_reward"] - first["eval_reward"]
+        out.append([name, f"{first['step']} → {last['step']}", f"{first['eval_reward']:.3f}",
+                    f"{last['eval_reward']:.3f}", f"{change:+.3f}"] + [f"{last.get(k, float('nan')):.3f}" for k in extra])
+    return header, out
+
+
 def results_rows(entries: Sequence[tuple[str, EvalResult]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table (columns: the union of every entry's metrics)."""
     columns: list[str] = []
@@ -310,6 +337,9 @@ def write_report(entries: Sequence[tuple[str, EvalResult]], runs: Sequence[tuple
     late: list[Section] = []
     if paired:
         late.append(("Paired comparisons (same examples)", paired_header, paired, False))
+    rewards = reward_rows(runs)
+    if rewards:
+        sections.append(("Held-out reward (reinforcement fine-tuning, measured in training)", *rewards, False))
     if any("tool_calls" in r.metrics for _, r in entries):
         late.append(("Tool calls", *tool_call_rows(entries), False))
     for name, result in entries:

@@ -285,5 +285,5 @@ class GRPO:
 
 def _short(name: str) -> str:
     """A metric-friendly name of a reward: `rewards.py:correct` → `correct`, `regex:...` → `regex`."""
-    head = name.split(":")[-1] if name.endswith(".py") is False and ":" in name and ".py:" in name else name.split(":")[0]
+    head = name.rsplit(":", 1)[-1] if ".py:" in name else name.split(":")[0]
     return "".join(c if c.isalnum() else "_" for c in head)
