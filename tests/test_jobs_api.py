@@ -152,7 +152,22 @@ def test_supervised_and_dpo_jobs_through_the_openai_client(server, tmp_path):
                                            messages=[{"role": "user", "content": "Say hello."}])
     assert reply.choices[0].message.content is not None
 
-    # a DPO job on SFT data fails validation with a reason; a cancelled queued job never runs
+    # cancel a running job: it stops with a checkpoint, and cancelling again is refused
+    long = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=uploaded.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200, "batch_size": 4}}})
+    deadline = time.monotonic() + TIMEOUT
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(long.id, limit=5).data):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert client.fine_tuning.jobs.cancel(long.id).id == long.id
+    cancelled = wait_for(client, long.id)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    assert any(e.message.startswith("Fine-tuning job cancelled (checkpoint at step")
+               for e in client.fine_tuning.jobs.list_events(long.id, limit=100).data)
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(long.id)
+
+    # a DPO job on SFT data fails validation with a reason
     wrong = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=uploaded.id, method={"type": "dpo"})
     failed = wait_for(client, wrong.id)
     assert failed.status == "failed" and "needs preference examples" in failed.error.message

@@ -16,8 +16,9 @@ The rules:
 - `finesmith.pipeline` (the table of contents that runs a training run) is imported only by
   the commands and runners above it: `cli`, `demo`, `domain.stages` (a staged run is a
   sequence of training runs), `evaluate.compare` (evaluates each approach the way `finesmith
-  eval` does) and `advise.measure` (calibrates the advisor with a short real run); the last
-  three import it inside functions;
+  eval` does), `advise.measure` (calibrates the advisor with a short real run) and
+  `serve.worker` (runs one fine-tuning job of the jobs API); the last four import it inside
+  functions;
 - what the bottom layer provides (`console`, `quiet_libraries`, `pick_device`,
   `stop_token_ids`) is imported from `finesmith.core`, not through a module that re-exports it;
 - module-level imports have no cycles. A function-level import may break a cycle on
@@ -40,7 +41,7 @@ BOTTOM_MAY_IMPORT = ("finesmith.core", "finesmith.errors")
 ABOVE_DATA = tuple(f"finesmith.{name}" for name in
                    ("model", "train", "evaluate", "export", "serve", "domain", "advise", "pipeline", "demo"))
 PIPELINE_IMPORTERS = {"finesmith.cli", "finesmith.demo", "finesmith.domain.stages", "finesmith.evaluate.compare",
-                      "finesmith.advise.measure"}
+                      "finesmith.advise.measure", "finesmith.serve.worker"}
 CORE_NAMES = {"console": "finesmith.core.console", "quiet_libraries": "finesmith.core.console",
               "pick_device": "finesmith.core.device", "stop_token_ids": "finesmith.core.templates"}
 # Function-level imports that would close a cycle if they moved to module level, and why

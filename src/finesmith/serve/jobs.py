@@ -171,7 +171,7 @@ class JobService:
                                   hyperparameters=json.dumps(resolved_hyperparameters(job, record)))
             self.store.add_event(job["id"], f"New fine-tuned model created: {name}", key="model")
             self.store.add_event(job["id"], "The job has successfully completed", key="succeeded")
-        elif code == 75 and job["cancel_requested"]:
+        elif job["cancel_requested"]:  # stopped with a checkpoint (75), or while still checking its files
             step = _resumable_step(job)
             self.store.update_job(job["id"], status=CANCELLED)
             self.store.add_event(job["id"], "Fine-tuning job cancelled" + (f" (checkpoint at step {step} kept)"

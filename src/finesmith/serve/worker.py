@@ -3,7 +3,7 @@
 The service starts it (never the HTTP process itself) with `FINESMITH_HOME` set. It turns
 the job into an ordinary finesmith config (`jobs/JOB_ID/config.yaml`), checks the data with
 the job's model tokenizer, marks the job running and trains through the same CLI a user
-runs (`finesmith train`, exec'd in this process), so the job's folder `jobs/JOB_ID/run` is an ordinary run (record, metrics,
+runs (`finesmith train`'s pipeline, in this process), so the job's folder `jobs/JOB_ID/run` is an ordinary run (record, metrics,
 checkpoints). Exit status is the CLI's: 0 done, 75 stopped with a checkpoint (cancel,
 shutdown), 2 a problem with the job's input, 1 anything else.
 """
@@ -11,7 +11,6 @@ shutdown), 2 a problem with the job's input, 1 anything else.
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from finesmith.serve.store import RUNNING, Store
 
+EXIT_PREEMPTED = 75  # as `finesmith train`: stopped with a checkpoint
 DEFAULT_LR_MULTIPLIER = 1.0
 DEFAULT_EPOCHS = 3
 
@@ -93,10 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     store.update_job(job_id, status=RUNNING, attempts=job["attempts"] + 1)
     store.add_event(job_id, "Fine-tuning job resumed from its last checkpoint" if resume
                     else "Fine-tuning job started", key=f"started-{job['attempts'] + 1}")
-    # The same command a user runs, in this process (exec keeps its pid and its parent-death signal)
-    os.execv(sys.executable, [sys.executable, "-m", "finesmith", "train", str(path),
-                              "--resume" if resume else "--overwrite"])
-    return 1  # not reached
+    return train_job(path, resume)
+
+
+def train_job(path: Path, resume: bool) -> int:
+    """`finesmith train CONFIG [--resume | --overwrite]`, in this process, with the CLI's exit codes."""
+    from finesmith.config import load_config
+    from finesmith.errors import FinesmithError
+    from finesmith.pipeline import train
+    from finesmith.train.loop import Preempted
+
+    try:
+        train(load_config(str(path)).validate(), overwrite=not resume, resume=resume)
+    except Preempted as stopped:
+        print(f"{stopped}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except FinesmithError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
