@@ -372,12 +372,12 @@ def prepare_prompts(tokenizer: Any, path: str, config: TrainConfig, name: str) -
 
 def build_grpo(model: Any, tokenizer: Any, config: TrainConfig) -> Any:
     """The GRPO sampler and objective for `model`, with the config's reward functions."""
-    from finesmith.train.grpo import GRPO, GRPOSettings
+    from finesmith.train.grpo import GRPO
     from finesmith.train.rewards import load_rewards
 
     specs = [config.reward] if isinstance(config.reward, str) else list(config.reward)
     rewards = load_rewards(specs, config.reward_weights)
-    return GRPO(model, tokenizer, GRPOSettings(**dataclasses.asdict(config.grpo)), rewards)
+    return GRPO(model, tokenizer, config.grpo, rewards)
 
 
 def tokens_fingerprint(examples: list[TokenizedExample]) -> str:

@@ -131,7 +131,7 @@ def step(tokenizer: Any, row: Row, token: int, stop_ids: set[int]) -> str | None
 
 def flush(tokenizer: Any, row: Row) -> None:
     """Show what is left undisplayed (a trailing partial character at the very end)."""
-    text = tokenizer.decode([t for t in row.tokens], skip_special_tokens=True)
+    text = tokenizer.decode(row.tokens, skip_special_tokens=True)
     if len(text) > row.shown:
         piece, row.shown = text[row.shown:], len(text)
         row.emit(piece)

@@ -409,6 +409,10 @@ def load_engine(spec: str, device: str | None = None, queue_size: int = DEFAULT_
     if hasattr(model, "peft_config") and method_of(model).mergeable:
         model = method_of(model).merge(model)  # same outputs, no adapter overhead per token
     model = model.to(dtype).eval()  # cast after merging, so the merge itself is exact in fp32
+    return ChatEngine(model, tokenizer, served_name(spec), queue_size)
+
+
+def served_name(spec: str) -> str:
+    """What clients call a model: the file stem of a `.gguf`, a folder's name, else the spec."""
     path = Path(spec)
-    name = path.stem if path.suffix.lower() == ".gguf" else (path.name if path.exists() else spec)
-    return ChatEngine(model, tokenizer, name, queue_size)
+    return path.stem if path.suffix.lower() == ".gguf" else (path.name if path.exists() else spec)

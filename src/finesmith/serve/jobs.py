@@ -59,6 +59,7 @@ class JobService:
         self.signalled = False
         self.offsets: dict[str, int] = {}
         self.step_metrics: dict[str, dict[int, dict[str, Any]]] = {}  # per job: step -> losses seen
+        self.recorded_checkpoints: dict[str, set[int]] = {}  # per job: checkpoint steps already in the store
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="finesmith-jobs", daemon=True)
 
@@ -189,23 +190,38 @@ class JobService:
         self.store.add_event(job["id"], f"Fine-tuning job failed: {message}", level="error", key="failed")
 
     def follow(self, job: dict[str, Any]) -> None:
-        """New metric lines and checkpoints of the job's run, as events and checkpoint objects."""
+        """New metric lines and checkpoints of the job's run, as events and checkpoint objects.
+
+        Only what is new since the last call is read and written: the metrics file from the
+        offset reached, checkpoints not recorded yet (both start again after a restart, and the
+        keyed events and checkpoint rows make that harmless)."""
         run = Path(job["output"]) / "run"
         metrics = run / "metrics.jsonl"
         if not metrics.is_file():
             return
         offset = self.offsets.get(job["id"], 0)
-        size = metrics.stat().st_size
-        if size < offset:  # rewritten on resume: read again, events are keyed by step
+        if metrics.stat().st_size < offset:  # rewritten on resume: read again, events are keyed by step
             offset = 0
         with open(metrics, "rb") as f:
             f.seek(offset)
             chunk = f.read()
         end = chunk.rfind(b"\n") + 1
         self.offsets[job["id"]] = offset + end
-        total = (_record(run).get("schedule") or {}).get("total_steps")
         latest = self.step_metrics.setdefault(job["id"], {})
-        for line in chunk[:end].decode("utf-8", "replace").splitlines():
+        if end:
+            self._metric_events(job["id"], chunk[:end].decode("utf-8", "replace"), run, latest)
+        from finesmith.train.checkpoint import list_checkpoints
+
+        recorded = self.recorded_checkpoints.setdefault(job["id"], set())
+        for step, _ in list_checkpoints(run):
+            if step not in recorded:
+                self.store.add_checkpoint(job["id"], step, {"step": step, **latest.get(step, {})})
+                self.store.add_event(job["id"], f"Checkpoint created at step {step}", key=f"ckpt-{step}")
+                recorded.add(step)
+
+    def _metric_events(self, job_id: str, lines: str, run: Path, latest: dict[int, dict[str, Any]]) -> None:
+        total = (_record(run).get("schedule") or {}).get("total_steps")
+        for line in lines.splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
@@ -213,19 +229,14 @@ class JobService:
             step = entry.get("step")
             if "loss" in entry:
                 data = {"step": step, "train_loss": entry["loss"], "total_steps": total, "learning_rate": entry.get("lr")}
-                self.store.add_event(job["id"], f"Step {step}/{total}: training loss={entry['loss']:.4f}",
+                self.store.add_event(job_id, f"Step {step}/{total}: training loss={entry['loss']:.4f}",
                                      kind="metrics", data=data, key=f"step-{step}")
                 latest.setdefault(step, {})["train_loss"] = entry["loss"]
             if "eval_loss" in entry:
-                self.store.add_event(job["id"], f"Step {step}/{total}: validation loss={entry['eval_loss']:.4f}",
+                self.store.add_event(job_id, f"Step {step}/{total}: validation loss={entry['eval_loss']:.4f}",
                                      kind="metrics", data={"step": step, "valid_loss": entry["eval_loss"],
                                                            "total_steps": total}, key=f"eval-{step}")
                 latest.setdefault(step, {})["valid_loss"] = entry["eval_loss"]
-        from finesmith.train.checkpoint import list_checkpoints
-
-        for step, _ in list_checkpoints(run):
-            self.store.add_checkpoint(job["id"], step, {"step": step, **latest.get(step, {})})
-            self.store.add_event(job["id"], f"Checkpoint created at step {step}", key=f"ckpt-{step}")
 
 
 def fine_tuned_name(job: dict[str, Any]) -> str:
@@ -454,13 +465,13 @@ def parse_job(body: dict[str, Any], store: Store, registry: ModelRegistry) -> di
         if key not in HYPERPARAMETERS[kind]:
             raise api_error(400, f"unknown hyperparameter '{key}' for a {kind} job; known: "
                                  f"{', '.join(HYPERPARAMETERS[kind])}", f"hyperparameters.{key}")
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-        integral = key not in ("n_epochs", "batch_size") or float(value).is_integer() if numeric else False
-        if value != "auto" and not (numeric and integral):
+        whole = key in ("n_epochs", "batch_size")
+        positive = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if value != "auto" and not (positive and (not whole or float(value).is_integer())):
             raise api_error(400, f"hyperparameters.{key} must be 'auto' or a positive "
-                                 f"{'integer' if key in ('n_epochs', 'batch_size') else 'number'}, got {value!r}",
+                                 f"{'integer' if whole else 'number'}, got {value!r}",
                             f"hyperparameters.{key}")
-        if key in ("n_epochs", "batch_size") and value != "auto":
+        if whole and value != "auto":
             params[key] = int(value)
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not 0 < len(suffix) <= 64 or ":" in suffix):

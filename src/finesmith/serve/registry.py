@@ -5,15 +5,7 @@ request (in a thread, so the event loop goes on) and keeps its own generation wo
 from __future__ import annotations
 
 import threading
-from pathlib import Path
-
-from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine, load_engine
-
-
-def served_name(spec: str) -> str:
-    """What clients call a model: the file stem of a `.gguf`, a folder's name, else the spec."""
-    path = Path(spec)
-    return path.stem if path.suffix.lower() == ".gguf" else (path.name if path.exists() else spec)
+from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine, load_engine, served_name
 
 
 class ModelRegistry:

@@ -225,16 +225,18 @@ def _load_weights(folder: Path, model: Any) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         keys = set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
-        missing = list(keys.unexpected_keys)
-    else:
-        params = dict(model.named_parameters())
-        missing = [name for name in saved if name not in params]
-    if missing:
-        raise ValueError(f"{folder}: checkpoint has weights this model lacks, e.g. {missing[0]}")
-    if not distributed.is_sharded(model):
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
+        _refuse_unknown(folder, list(keys.unexpected_keys))
+        return
+    params = dict(model.named_parameters())
+    _refuse_unknown(folder, [name for name in saved if name not in params])
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
+def _refuse_unknown(folder: Path, unknown: list[str]) -> None:
+    if unknown:
+        raise ValueError(f"{folder}: checkpoint has weights this model lacks, e.g. {unknown[0]}")
 
 
 def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:

@@ -211,26 +211,22 @@ def shard(examples: list, world: World) -> list:
 
 def sum_all(value: float | int, device: torch.device) -> float:
     """`value` summed over every rank (itself outside a process group)."""
-    world = current()
-    if not world.distributed:
-        return float(value)
-    import torch.distributed as dist
-
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor.item())
+    return float(_reduce(float(value), "SUM", torch.float64, device))
 
 
 def max_all(value: int, device: torch.device) -> int:
     """The largest `value` over every rank (itself outside a process group)."""
-    world = current()
-    if not world.distributed:
-        return int(value)
+    return int(_reduce(int(value), "MAX", torch.int64, device))
+
+
+def _reduce(value: float | int, op: str, dtype: torch.dtype, device: torch.device) -> float | int:
+    if not current().distributed:
+        return value
     import torch.distributed as dist
 
-    tensor = torch.tensor([int(value)], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    tensor = torch.tensor([value], dtype=dtype, device=device)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.item()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

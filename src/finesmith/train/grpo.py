@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from finesmith.config import GRPOSettings
 from finesmith.errors import FinesmithError
 from finesmith.train.rewards import Reward
 
@@ -85,18 +86,6 @@ def load_prompts(tokenizer: Any, path: str, fmt: str = "auto", fields: dict[str,
         user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
         prompts.append(PromptExample(tuple(ids), str(user or ""), {**extra, "reference": reference}, example.source))
     return prompts
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    group_size: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    epsilon: float = 0.2
-    beta: float = 0.0
-    iterations: int = 1
-    scale_rewards: bool = True
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
@@ -201,7 +190,6 @@ class GRPO:
                     with self.model.disable_adapter():
                         unit["ref_logps"] = sequence_logprobs(self.model, unit).detach()
                 units.append(unit)
-        self.model.train()
         tokens = sum(int(u["completion_mask"].sum()) for u in units)
         std = total.std(dim=1, unbiased=False)
         log = {"reward": float(total.mean()), "reward_std": float(std.mean()),

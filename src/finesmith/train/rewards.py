@@ -15,6 +15,7 @@ one line naming the function and the example.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import math
@@ -37,9 +38,9 @@ class Reward:
 
     def __call__(self, prompt: str, completion: str, fields: dict[str, Any], source: str) -> float:
         arguments = {"prompt": prompt, "completion": completion, **fields}
-        params = inspect.signature(self.function).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            arguments = {k: v for k, v in arguments.items() if k in params}  # what the function takes
+        accepted = _accepted(self.function)
+        if accepted is not None:
+            arguments = {k: v for k, v in arguments.items() if k in accepted}  # what the function takes
         try:
             value = self.function(**arguments)
         except Exception as exc:
@@ -49,6 +50,15 @@ class Reward:
             raise FinesmithError(f"reward {self.name} returned {value!r} on {source}; it must return a finite "
                                  "number (int or float)")
         return float(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(function: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword arguments `function` takes (None: any, it has **kwargs)."""
+    params = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
 
 
 def exact_match(completion: str, reference: str | None = None, **_: Any) -> float:
