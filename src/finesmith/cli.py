@@ -117,6 +117,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--tool-format", default="template", choices=("template", "hermes"),
                        help="template: the model's own chat template must render tools; hermes: render tools, "
                             "calls and results as text (see README)")
+    check.add_argument("--thinking", default="auto", choices=("auto", "on", "off"),
+                       help="reasoning models: train with or without thinking, as `thinking:` in the config")
     check.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
                        help="read field NAME from COLUMN (repeatable), e.g. --field output=answer")
     scan = data_sub.add_parser("scan", help="count sensitive data (PII, secrets) by kind with file:line, never the values")
@@ -320,7 +322,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     TrainConfig(model=args.model, output="-", max_length=args.max_length, truncation=args.truncation,
                 data=DataSettings(args.file, args.format, fields)).validate()  # same errors as train
     tokenizer, _ = load_chat_tokenizer(args.model, notify=console.print)
-    apply_tool_format(tokenizer, args.tool_format)
+    apply_tool_format(tokenizer, args.tool_format, args.thinking)
     report = data_check(args.file, tokenizer, args.max_length, args.format, fields, args.truncation,
                         args.eval_data, args.show, console)
     if not report.ok:

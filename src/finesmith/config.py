@@ -27,6 +27,7 @@ PARALLELISM = ("auto", "ddp", "fsdp")
 AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
 TOOL_FORMATS = ("template", "hermes")  # see finesmith.data.tool_templates
+THINKING = ("auto", "on", "off")  # see finesmith.data.template
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
 PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto")
 
@@ -117,6 +118,9 @@ class TrainConfig:
     max_invalid_fraction: float = 0.1  # with skip_invalid: abort when more than this share is invalid
     refuse_pii: bool = False  # refuse to train when `finesmith data scan` would find sensitive data
     tool_format: str = "template"  # template: the model's own (must render tools) | hermes: tools as text
+    # reasoning models (templates with enable_thinking, e.g. Qwen3): off trains and asks without thinking,
+    # on with it; auto keeps the template's default. Saved in the run's chat template, so every command agrees.
+    thinking: str = "auto"  # auto | on | off
     method: str = "lora"  # full | lora | qlora | prompt_tuning | prefix_tuning | ia3
     objective: str = "sft"  # sft | dpo | ipo | orpo | simpo | kto (what the loss is; method is the model setup)
     epochs: float | str = 3.0  # or auto: from the dataset size
@@ -185,6 +189,7 @@ class TrainConfig:
             raise FinesmithError(f"config: `max_invalid_fraction` must be in [0, 1], got {self.max_invalid_fraction}")
         _choice("truncation", self.truncation, TRUNCATION_POLICIES)
         _choice("tool_format", self.tool_format, TOOL_FORMATS)
+        _choice("thinking", self.thinking, THINKING)
         _choice("objective", self.objective, OBJECTIVES)
         if self.objective == "grpo":
             g = self.grpo

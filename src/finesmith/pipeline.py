@@ -26,6 +26,7 @@ from finesmith.data.formats import PreferenceExample, load_examples
 from finesmith.data.pack import pack_bins, packing_efficiency
 from finesmith.data.pairs import tokenize_groups
 from finesmith.data.tokenize import TokenizedExample, tokenize_examples
+from finesmith.data.template import install_thinking
 from finesmith.data.tool_templates import install_tool_format
 from finesmith.data.validate import MIN_EXAMPLES, load_checked, refuse_sensitive
 from finesmith.errors import FinesmithError
@@ -85,7 +86,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, ex
         console.print(f"resuming from {previous[1]}")
     with distributed.one_at_a_time("prepare-data"):  # the first rank tokenizes, the others read its cache
         tokenizer, added_tokens = load_chat_tokenizer(config.model, notify=console.print)
-        hermes = apply_tool_format(tokenizer, config.tool_format)
+        hermes = apply_tool_format(tokenizer, config.tool_format, config.thinking)
         prepare = prepare_prompts if config.objective == "grpo" else prepare_data
         train_data = prepare(tokenizer, config.data.path, config, "train")
         eval_data = prepare(tokenizer, config.eval_data, config, "eval") if config.eval_data else None
@@ -240,7 +241,8 @@ def new_record(config: TrainConfig, method: Method, tokenizer: Any, added_tokens
         config=config.to_dict(),
         base_model={"spec": portable_spec(config.model), "fingerprint": model_fingerprint(config.model)},
         tokenizer={"added_tokens": list(added_tokens), "vocab_size": len(tokenizer),
-                   "template_source": "chatml" if added_tokens or _is_fallback(tokenizer) else "model"},
+                   "template_source": "chatml" if added_tokens or _is_fallback(tokenizer) else "model",
+                   "thinking": config.thinking},
         method={"name": method.name, "adapter": method.adapter, "layout": method.layout,
                 "mergeable": method.mergeable, "trained_in_full": []},
         data={"train": train_data.fingerprint, **({"eval": eval_data.fingerprint} if eval_data else {})},
@@ -255,8 +257,13 @@ def _is_fallback(tokenizer: Any) -> bool:
     return getattr(tokenizer, "chat_template", None) == CHATML_TEMPLATE
 
 
-def apply_tool_format(tokenizer: Any, tool_format: str) -> bool:
-    """Install the Hermes tool rendering when asked for and needed; say so. True when installed."""
+def apply_tool_format(tokenizer: Any, tool_format: str, thinking: str = "auto") -> bool:
+    """Install the Hermes tool rendering when asked for and needed, and the thinking setting
+    (`finesmith.data.template.install_thinking`); say so. True when the Hermes rendering was installed."""
+    if install_thinking(tokenizer, thinking):
+        console.print(f"thinking {thinking}: the chat template is fixed to "
+                      f"{'think before answering' if thinking == 'on' else 'answer without thinking'}, "
+                      "in training and in every later use of this run")
     installed = install_tool_format(tokenizer, tool_format)
     if installed:
         console.print("tool_format hermes: tools, tool calls and tool results are rendered as text "
@@ -281,7 +288,7 @@ def dry_run(config: TrainConfig) -> None:
 
     check_method_supported(config)
     tokenizer, _ = load_chat_tokenizer(config.model, notify=console.print)
-    apply_tool_format(tokenizer, config.tool_format)
+    apply_tool_format(tokenizer, config.tool_format, config.thinking)
     train_data = prepare_data(tokenizer, config.data.path, config, "train")
     if config.eval_data:
         prepare_data(tokenizer, config.eval_data, config, "eval")

@@ -23,7 +23,7 @@ import numpy as np
 from finesmith.core.paths import cache_root
 from finesmith.data.tokenize import TokenizedExample, TokenizeStats
 
-CACHE_FORMAT = 1  # bump when tokenization itself changes meaning
+CACHE_FORMAT = 2  # bump when tokenization itself changes meaning
 CHUNK = 1 << 20
 
 

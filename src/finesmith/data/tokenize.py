@@ -1,10 +1,10 @@
-"""Chat rendering and the supervised-token mask, produced together in one place.
+"""Tokens and the supervised-token mask, produced together in one place.
 
-The mask is derived by rendering prefixes of the conversation with the model's own chat
-template, never by searching for marker strings: the text added when an assistant turn
-is appended (minus trailing whitespace after its end-of-turn token) is exactly what the
-model must learn to produce. Training, evaluation and inference all call these functions,
-so they always see the same tokens.
+The conversation is rendered and its trained character spans located by
+`finesmith.data.template` (one rendering of the whole conversation, for any chat template);
+here the text is tokenized once and each token is trained when it starts inside a span.
+Training, `data check`, evaluation and inference all call these functions, so they always
+see the same tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finesmith.data.formats import AnyExample, Example, FeedbackExample, PreferenceExample, TextExample
+from finesmith.data.template import TEMPLATE_FIELDS, assistant_spans, render
 from finesmith.errors import FinesmithError
 
 
@@ -29,34 +30,13 @@ class TokenizedExample:
         return len(self.input_ids)
 
 
-TEMPLATE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
-
-
-def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-           tools: Sequence[dict[str, Any]] | None = None) -> str:
-    """The conversation as the model's chat template writes it (tools passed as `tools=`).
-
-    Raises:
-        FinesmithError: the template refuses the conversation (e.g. a role order it forbids).
-    """
-    import jinja2
-
-    plain = [{k: m[k] for k in TEMPLATE_FIELDS if k in m} for m in messages]
-    try:
-        return tokenizer.apply_chat_template(plain, tools=list(tools) if tools else None, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except (jinja2.TemplateError, TypeError) as exc:
-        raise FinesmithError(f"the chat template refused this conversation ({str(exc)[:200]}); "
-                             "check the roles and their order") from None
-
-
 PROBE_TOOL = {"type": "function", "function": {"name": "finesmith_probe_tool", "description": "probe",
                                                "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
 PROBE_CALL = [{"role": "user", "content": "hi"},
               {"role": "assistant", "content": "", "tool_calls": [
-                  {"id": "call_0", "type": "function",
+                  {"id": "probe0001", "type": "function",
                    "function": {"name": "finesmith_probe_call", "arguments": {"q": "finesmith_probe_argument"}}}]},
-              {"role": "tool", "tool_call_id": "call_0", "content": "finesmith_probe_result"}]
+              {"role": "tool", "tool_call_id": "probe0001", "content": "finesmith_probe_result"}]
 PROBE_WORDS = ("finesmith_probe_tool", "finesmith_probe_call", "finesmith_probe_argument", "finesmith_probe_result")
 
 
@@ -90,33 +70,6 @@ def require_tool_support(tokenizer: Any, where: str) -> None:
             f"{where}: this example uses tools, but the model's chat template does not render tools, tool calls "
             "and tool results (they would be silently dropped); set tool_format: hermes to render them as text "
             "in the Hermes style, or use a model whose template supports tools")
-
-
-def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]],
-                    tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return the text and the character spans to train on.
-
-    Each trained span runs from the end of the rendered prompt before an assistant turn
-    to the end of that turn including its end-of-turn marker (whitespace the template
-    puts after the marker is not part of the answer). Assistant turns with `weight: 0`
-    are rendered but not trained. Tool calls are part of the assistant turn (trained); tool
-    results are prompt text like any other (never trained).
-    """
-    text = render(tokenizer, messages, tools=tools)
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:
-            continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
-        full = render(tokenizer, messages[: index + 1], tools=tools)
-        if not (full.startswith(prompt) and text.startswith(full)):
-            raise FinesmithError(
-                "the chat template does not render conversations incrementally (a turn changes "
-                "earlier text), so the answer mask cannot be derived; use a template without "
-                "history rewriting")
-        end = len(full.rstrip())
-        spans.append((len(prompt), end))
-    return text, spans
 
 
 def text_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[bool]]:
@@ -202,7 +155,10 @@ def tokenize_examples(tokenizer: Any, examples: Iterable[AnyExample], max_length
             continue
         if uses_tools(example):
             require_tool_support(tokenizer, example.source)
-        ids, mask = tokens_and_mask(tokenizer, list(example.messages), example.tools)
+        try:
+            ids, mask = tokens_and_mask(tokenizer, list(example.messages), example.tools)
+        except FinesmithError as exc:
+            raise FinesmithError(f"{example.source}: {exc}") from None
         if len(ids) > max_length:
             if truncation == "drop":
                 stats.dropped += 1
@@ -268,11 +224,16 @@ def text_windows(ids: list[int], mask: list[bool], max_length: int, bos: int | N
             for i in range(0, len(body), step)]
 
 
-def rendered_lengths(tokenizer: Any, examples: list[AnyExample]) -> list[int]:
+def rendered_lengths(tokenizer: Any, examples: list[AnyExample], problems: list[str] | None = None) -> list[int]:
     """Token counts of examples as training renders them, in one batched tokenizer call.
 
-    Much faster than `tokens_and_mask` (no prefix renders, no offsets), for statistics
-    over large files; the counts equal the lengths `tokens_and_mask` produces.
+    Conversations go through `assistant_spans`, exactly as training does (so a conversation
+    training would refuse is refused here too), but are tokenized in one batch without
+    offsets; the counts equal the lengths `tokens_and_mask` produces.
+
+    Args:
+        problems: when given, a conversation that cannot be rendered or masked is recorded
+            here (`source: why`) and left out; otherwise the error is raised.
     """
     texts, extra = [], []
     bos = bos_to_prepend(tokenizer)
@@ -287,7 +248,14 @@ def rendered_lengths(tokenizer: Any, examples: list[AnyExample]) -> list[int]:
         tools = example.tools if isinstance(example, Example) else None
         if isinstance(example, Example) and uses_tools(example):
             require_tool_support(tokenizer, example.source)
-        texts.append(render(tokenizer, messages, tools=tools))
+        try:
+            texts.append(assistant_spans(tokenizer, messages, tools)[0] if isinstance(example, Example)
+                         else render(tokenizer, messages, tools=tools))
+        except FinesmithError as exc:
+            if problems is None:
+                raise FinesmithError(f"{example.source}: {exc}") from None
+            problems.append(f"{example.source}: {exc}")
+            continue
         extra.append(-1)  # -1: add a BOS only when the rendered text lacks one
     encoded = _batch_ids(tokenizer, texts) if texts else []
     return [len(ids) + (e if e >= 0 else int(bos is not None and (not ids or ids[0] != bos)))

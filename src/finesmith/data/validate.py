@@ -224,7 +224,7 @@ def _report_duplicates(report: CheckReport, seen: _Fingerprints, held_out: dict[
 def _measure(report: CheckReport, tokenizer: Any, batch: list[AnyExample]) -> None:
     """Token lengths of a batch; for preference pairs also the rejected side, and whether the
     prompt tokenizes the same before both answers."""
-    report.lengths.extend(rendered_lengths(tokenizer, batch))
+    report.lengths.extend(rendered_lengths(tokenizer, batch, report.errors))
     pairs = [ex for ex in batch if isinstance(ex, PreferenceExample)]
     if not pairs:
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finesmith.config import TrainConfig
 from finesmith.errors import FinesmithError
 from finesmith.run import Run, RunRecord, load_run
 from finesmith.train.checkpoint import latest_checkpoint, remove_partial_writes, resumable
@@ -64,8 +65,10 @@ def check_same_run(saved: RunRecord, current: RunRecord, output: Path) -> None:
             raise FinesmithError(f"--resume: the {name} data changed since the run in {output} started "
                                  f"({before.get('path')}: {before.get('examples')} -> {now.get('examples')} examples "
                                  "or other contents); resume with the original data or start a new run")
+    defaults = TrainConfig().to_dict()  # a key added since the run started reads as its default
     changed = sorted(k for k in saved.config.keys() | current.config.keys()
-                     if k not in MAY_CHANGE_ON_RESUME and saved.config.get(k) != current.config.get(k))
+                     if k not in MAY_CHANGE_ON_RESUME
+                     and saved.config.get(k, defaults.get(k)) != current.config.get(k, defaults.get(k)))
     if changed:
         details = ", ".join(f"{k}: {saved.config.get(k)!r} -> {current.config.get(k)!r}" for k in changed[:3])
         raise FinesmithError(f"--resume: the settings differ from the run in {output} ({details}); "
