@@ -252,7 +252,7 @@ def test_verify_reports_llama_cpp_checks(lora_run: Path, tmp_path: Path, capsys)
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 64, "rope_theta": 500000.0},
 ], ids=lambda rope: rope["rope_type"])
-def test_scaled_rope_is_stored_as_frequency_factors(rope: dict, tmp_path: Path) -> None:
+def test_scaled_rope_is_stored_as_llama_cpp_reads_it(rope: dict, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finesmith.export.gguf import write_gguf
@@ -266,7 +266,11 @@ def test_scaled_rope_is_stored_as_frequency_factors(rope: dict, tmp_path: Path) 
             if param.ndim == 2:
                 param.mul_(10)
     path = write_gguf(model, tokenizer, tmp_path / "model.gguf")
-    assert "rope_freqs.weight" in gguf_fields(path)[1]
+    fields, tensors = gguf_fields(path)
+    if rope["rope_type"] == "llama3":  # per-dimension divisors
+        assert "rope_freqs.weight" in tensors
+    else:  # one divisor for every dimension: the file's linear scaling factor
+        assert "rope_freqs.weight" not in tensors and fields["llama.rope.scaling.factor"] == rope["factor"]
     prompts = probe_prompts(tokenizer)
     assert_same_answers(run_answers(model, prompts), llama_cpp_answers(path, prompts))
     # `--verify` passes too: transformers' GGUF loader is given the RoPE it does not read.

@@ -9,7 +9,7 @@ from finesmith.errors import FinesmithError
 from finesmith.folders import fresh_folder
 from finesmith.export import FORMATS, QUANTS
 from finesmith.export.card import model_card
-from finesmith.export.gguf import check_exportable, write_gguf
+from finesmith.export.gguf import check_exportable, export_gguf
 from finesmith.export.merge import RunInfo, copy_adapter, inspect_run, load_merged, save_hf
 from finesmith.export.verify import Check, verify_adapter, verify_gguf, verify_hf
 from finesmith.model.methods import load_for_inference
@@ -61,7 +61,7 @@ def export_run(run: str, fmt: str, output: str, quant: str = "f16", verify: bool
             check_exportable(model.config)  # before creating anything
         target = prepare_folder(Path(output), overwrite, info, fmt)
         if fmt == "gguf":
-            files = [write_gguf(model, tokenizer, target / gguf_name(info, quant), quant, info.folder.name).name]
+            files = export_gguf(model, tokenizer, target, gguf_name(info, quant), quant, info.folder.name)
         else:
             save_hf(model, tokenizer, target)
             files = sorted(p.name for p in target.iterdir())

@@ -5,10 +5,10 @@ Each check compares the exported model against the run loaded the way training l
 own template: the largest absolute logit difference, and for GGUF also the greedy
 continuation and the token ids the rebuilt tokenizer produces.
 
-A GGUF file is read back twice: by transformers' GGUF loader (weights, tokenizer, chat
-template), and, when the `llama_cpp` bindings are installed, by llama.cpp itself, the
-program the file is for, which reads the metadata the transformers loader ignores (head
-size, RoPE frequency factors, stop and BOS settings).
+A GGUF file is read back by llama.cpp itself when the `llama_cpp` bindings are installed
+(the program the file is for: logits, greedy tokens, tokenization, chat template, and that
+it stops at every token the run stops at), and by transformers' GGUF loader for the
+architectures it reads completely (weights, tokenizer, chat template).
 """
 
 from __future__ import annotations
@@ -126,8 +126,40 @@ def verify_adapter(reference: Any, tokenizer: Any, base_spec: str, folder: Path)
                   LOGIT_TOLERANCE["adapter"])]
 
 
+# GGUF architectures whose every setting transformers' GGUF loader reads back (measured with
+# transformers 5.25: it ignores Qwen3's head size and expert width and Gemma 3's window
+# pattern and attention scale, and cannot read OLMo 2). For the others llama.cpp, the
+# program the file is for, is the check.
+TRANSFORMERS_READS_GGUF = ("llama", "qwen2", "phi3")
+
+
+def gguf_architecture(path: Path) -> str:
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields["general.architecture"]
+    return str(field.contents())
+
+
 def verify_gguf(reference: Any, tokenizer: Any, path: Path, quant: str) -> list[Check]:
-    """Reload a GGUF with transformers' GGUF loader (and llama.cpp when installed) and compare."""
+    """Compare a GGUF file with the run in llama.cpp and, where it reads the file fully, in
+    transformers' GGUF loader.
+
+    Raises:
+        FinesmithError: neither can read this file here (llama.cpp bindings not installed).
+    """
+    checks = []
+    if gguf_architecture(path) in TRANSFORMERS_READS_GGUF:
+        checks += verify_gguf_in_transformers(reference, tokenizer, path, quant)
+    if llama_cpp_installed():
+        checks += verify_gguf_in_llama_cpp(reference, tokenizer, path, quant)
+    elif not checks:
+        raise FinesmithError(f"--verify of a {gguf_architecture(path)} GGUF needs llama.cpp: pip install "
+                             "llama-cpp-python (transformers' GGUF loader does not read this architecture fully)")
+    return checks
+
+
+def verify_gguf_in_transformers(reference: Any, tokenizer: Any, path: Path, quant: str) -> list[Check]:
+    """Reload a GGUF with transformers' GGUF loader and compare weights, tokenizer and template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # transformers' loader reads no RoPE scaling for Llama; give it the run's, so its
@@ -146,9 +178,6 @@ def verify_gguf(reference: Any, tokenizer: Any, path: Path, quant: str) -> list[
     limit = 0 if quant == "f16" else len(prompts)
     checks.append(Check(f"greedy continuations that differ ({len(prompts)} prompts)",
                         greedy_mismatches(reference, exported, prompts), limit))
-    del exported  # a large model should not be held twice while llama.cpp maps the file
-    if llama_cpp_installed():
-        checks += verify_gguf_in_llama_cpp(reference, tokenizer, path, quant)
     return checks
 
 
@@ -195,9 +224,21 @@ def llama_cpp_greedy(llm: Any, ids: list[int], count: int = GREEDY_TOKENS) -> li
     return out
 
 
+def probe_texts(tokenizer: Any) -> list[str]:
+    """Plain probe strings and the probe chats rendered as finesmith renders them."""
+    from finesmith.data.tokenize import render
+
+    return list(PROBE_TEXTS) + [render(tokenizer, list(c), add_generation_prompt=True) for c in PROBE_CHATS]
+
+
 @torch.no_grad()
 def verify_gguf_in_llama_cpp(reference: Any, tokenizer: Any, path: Path, quant: str) -> list[Check]:
-    """Load the file in llama.cpp; compare next-token logits, greedy output and tokenization."""
+    """Load the file in llama.cpp; compare next-token logits, greedy output, tokenization, the
+    chat template and the tokens generation stops at."""
+    import llama_cpp
+
+    from finesmith.export.gguf_vocab import stop_token_ids
+
     prompts = probe_batches(tokenizer)
     try:
         llm = load_llama_cpp(path, n_ctx=max(p.shape[1] for p in prompts) + GREEDY_TOKENS)
@@ -210,17 +251,20 @@ def verify_gguf_in_llama_cpp(reference: Any, tokenizer: Any, path: Path, quant: 
             worst = max(worst, (llama_cpp_next_logits(llm, ids[0].tolist()) - expected).abs().max().item())
             scale = max(scale, expected.abs().max().item())
             differ += int(llama_cpp_greedy(llm, ids[0].tolist()) != greedy_tokens(reference, ids))
-        texts = list(PROBE_TEXTS) + [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                                     for c in PROBE_CHATS]
         tokens_differ = sum(llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
-                            != tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+                            != tokenizer(t, add_special_tokens=False)["input_ids"] for t in probe_texts(tokenizer))
+        stops = stop_token_ids(tokenizer, reference.generation_config.eos_token_id)
+        not_stopping = sum(not llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) for token in stops)
+        template_changed = llm.metadata.get("tokenizer.chat_template") != tokenizer.chat_template
     finally:
         llm.close()
     limit = 0 if quant == "f16" else len(prompts)
     return [Check(f"max |next-token logit diff| / max |logit|, llama.cpp {quant} vs run", worst / (scale or 1.0),
                   LOGIT_TOLERANCE[quant]),
             Check(f"llama.cpp greedy continuations that differ ({len(prompts)} prompts)", differ, limit),
-            Check("llama.cpp tokenizer mismatches", tokens_differ, 0)]
+            Check("llama.cpp tokenizer mismatches", tokens_differ, 0),
+            Check("llama.cpp chat template differs from the run's", float(template_changed), 0),
+            Check(f"stop tokens llama.cpp does not end generation at ({len(stops)} stop tokens)", not_stopping, 0)]
 
 
 def _as_list(value: Any) -> list[int]:
