@@ -28,6 +28,7 @@ AUTO = "auto"
 TRUNCATION_POLICIES = ("truncate", "drop")
 TOOL_FORMATS = ("template", "hermes")  # see finesmith.data.tool_templates
 THINKING = ("auto", "on", "off")  # see finesmith.data.template
+ON_OFF_KEYS = ("thinking",)  # string keys whose values are on/off words
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
 PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto")
 
@@ -386,6 +387,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return value
         if option is str and isinstance(value, str):
             return value
+        if option is str and isinstance(value, bool) and key.rpartition(".")[2] in ON_OFF_KEYS:
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if typing.get_origin(option) is list and isinstance(value, list):
             item = (typing.get_args(option) or (str,))[0]
             if item is str and all(isinstance(v, str) for v in value):
