@@ -46,11 +46,7 @@ CORE_NAMES = {"console": "finesmith.core.console", "quiet_libraries": "finesmith
               "pick_device": "finesmith.core.device", "stop_token_ids": "finesmith.core.templates"}
 # Function-level imports that would close a cycle if they moved to module level, and why
 # each is imported late. A new entry is a new upward dependency: avoid it if you can.
-CYCLE_BREAKING_LAZY_IMPORTS = {
-    # Method.merge folds an adapter into the weights with export.merge, which itself loads
-    # models through model.methods (load_for_inference).
-    ("finesmith.model.methods", "finesmith.export.merge"),
-}
+CYCLE_BREAKING_LAZY_IMPORTS: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def weight_bytes(shape: ModelShape, run: RunShape) -> float:
 
 def block_elements_per_token(shape: ModelShape, run: RunShape) -> int:
     """Elements autograd keeps per token per transformer block (no checkpointing)."""
-    h, i = shape.hidden, shape.intermediate
+    h, i = shape.hidden, shape.active_intermediate  # a mixture of experts: the experts a token is routed to
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     elements = (6 * h  # two RMSNorms: input, fp32 normalised copy, output
                 + q + 2 * kv  # q, k, v projections

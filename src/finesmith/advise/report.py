@@ -81,7 +81,9 @@ def calibrate_lora(request: AdviseRequest, stats: DataStats) -> float:
 def print_report(plan: Plan, rec: Recommendation) -> None:
     data = plan.data
     console.print(f"hardware: {plan.hardware.describe()}")
-    console.print(f"model: {plan.shape.name} · {plan.shape.params / 1e6:,.1f}M parameters · {plan.shape.layers} layers · "
+    active = (f" ({plan.shape.active_params / 1e6:,.1f}M active: {plan.shape.experts_per_token} of "
+              f"{plan.shape.experts} experts per token)" if plan.shape.moe else "")
+    console.print(f"model: {plan.shape.name} · {plan.shape.params / 1e6:,.1f}M parameters{active} · {plan.shape.layers} layers · "
                   f"hidden {plan.shape.hidden} · vocab {plan.shape.vocab:,}")
     console.print(f"data: {data.examples:,} examples · {data.tokens:,} tokens ({data.supervised:,} trained) · "
                   f"length p50 {data.percentile(0.5)} / p95 {data.percentile(0.95)} / max {data.percentile(1.0)}")

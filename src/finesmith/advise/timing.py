@@ -41,10 +41,11 @@ class TimeEstimate:
 def flops_per_token(shape: ModelShape, method: str, context: int) -> float:
     """Training FLOPs per token for `method` at average example length `context`."""
     attention = 12 * shape.layers * shape.hidden * context
+    # a mixture of experts computes with the experts each token is routed to, not all of them
     if method in NO_TRAINING:
-        return 2 * shape.params + attention / 3
+        return 2 * shape.active_params + attention / 3
     multiplier = 6 if method in FULL_METHODS else 4
-    return multiplier * shape.params + attention
+    return multiplier * shape.active_params + attention
 
 
 def device_flops(hardware: Hardware) -> tuple[float, str]:

@@ -191,12 +191,21 @@ def model_fingerprint(spec: str) -> str:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """Load a causal LM (float32 unless `dtype` says otherwise) with SDPA attention (packed 4-D masks)."""
+    """Load a causal LM (float32 unless `dtype` says otherwise) with SDPA attention (packed 4-D masks).
+
+    A model with sliding-window layers (Gemma 3, Mistral 7B v0.1, Phi-3-mini) gets finesmith's
+    packed attention instead, which keeps each layer's window under the packed and trie masks
+    that transformers would otherwise apply unwindowed (`finesmith.model.attention`).
+    """
     from transformers import AutoModelForCausalLM
+
+    from finesmith.model.attention import has_sliding_window, use_packed_attention
 
     path, gguf_file = resolve_model_path(spec)
     model = _from_pretrained(AutoModelForCausalLM, spec, path, gguf_file,
                              dtype=dtype, attn_implementation="sdpa")
+    if has_sliding_window(model):
+        use_packed_attention(model)
     return model.to(device)
 
 

@@ -15,9 +15,11 @@ the `Method` rather than branching on names:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ from finesmith.data.pack import pack_batch, pad_batch
 from finesmith.data.tokenize import TokenizedExample
 from finesmith.errors import FinesmithError
 from finesmith.model.load import load_model, resolve_model_path
+from finesmith.model.merge import merge_adapter
 from finesmith.train.objectives import sft_loss, virtual_sft_loss
 
 Objective = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -94,12 +97,10 @@ class Method:
                                  "(virtual tokens in front of every row) cannot take; use method lora, ia3 or full")
 
     def merge(self, model: Any) -> Any:
-        """The model as one plain transformers model (see `finesmith.export.merge.merge_adapter`)."""
+        """The model as one plain transformers model (see `finesmith.model.merge.merge_adapter`)."""
         if not self.mergeable:
             raise FinesmithError(f"a {self.name} run trained virtual prompt tokens, which cannot be merged into the "
                                  "weights; use `finesmith export RUN --format adapter` (and load it with peft)")
-        from finesmith.export.merge import merge_adapter
-
         return merge_adapter(model)
 
 
@@ -228,21 +229,64 @@ def apply_method(model: Any, config: TrainConfig) -> Any:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config(config))
+        with quiet_expert_rank_warning():
+            return get_peft_model(model, peft_config(config, model))
     except ValueError as exc:
+        if "ParamWrapper does not work with" in str(exc):
+            raise FinesmithError(
+                f"config: this mixture-of-experts model's experts get LoRA adapters as fused parameters, which peft "
+                f"cannot combine with lora.dropout or lora.use_dora ({exc}); set lora.dropout=0 and "
+                "lora.use_dora=false, or list lora.target_modules without the experts "
+                "(e.g. [q_proj, k_proj, v_proj, o_proj])") from None
         raise FinesmithError(f"config: method {config.method} does not fit this model ({exc}); "
                              "check lora.target_modules / lora.modules_to_save") from None
 
 
-def peft_config(config: TrainConfig) -> Any:
-    """The PEFT config object for a non-full method."""
+@contextlib.contextmanager
+def quiet_expert_rank_warning() -> Iterator[None]:
+    """Hide peft's warning that a mixture-of-experts model's rank pattern matched no module.
+
+    peft renames the expert targets of the v4 layout (`gate_proj`, `up_proj`) to the fused
+    `gate_up_proj` parameter with twice the rank, then warns that this rank pattern matched no
+    *module*: it did match the parameter (the adapters have that rank), so the warning only confuses.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match",
+                                category=RuntimeWarning)
+        yield
+
+
+def expert_parameters(model: Any) -> list[str]:
+    """Short names of a mixture-of-experts model's fused expert weights (e.g. `gate_up_proj`, `down_proj`).
+
+    transformers 5 stores the experts of a layer as one 3-D parameter per projection
+    (`[experts, out, in]`) instead of one `nn.Linear` each, so `all-linear` (which looks for
+    linear modules) does not see them; peft adapts them through `target_parameters`, one LoRA
+    per expert.
+    """
+    return sorted({name.rsplit(".", 1)[-1] for name, param in model.named_parameters()
+                   if param.ndim == 3 and ".experts." in f".{name}"})
+
+
+def peft_config(config: TrainConfig, model: Any = None) -> Any:
+    """The PEFT config object for a non-full method.
+
+    LoRA with `target_modules: all-linear` on a mixture-of-experts `model` also adapts every
+    expert (`target_parameters`, see `expert_parameters`), as `all-linear` did when experts were
+    linear layers; the router stays as `all-linear` reaches it. peft converts the same for the
+    model types it knows (Qwen-MoE, Mixtral, DeepSeek, OLMoE, ...); naming the parameters here
+    covers the ones it does not.
+    """
     import peft
 
     if config.method in ("lora", "qlora"):
         lora = config.lora
+        all_linear = isinstance(lora.target_modules, str) and lora.target_modules.lower() == "all-linear"
+        experts = expert_parameters(model) if model is not None and all_linear else []
         return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                               target_modules=lora.target_modules, use_rslora=lora.use_rslora,
-                               use_dora=lora.use_dora, modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM")
+                               target_modules=lora.target_modules, target_parameters=experts or None,
+                               use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+                               modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM")
     if config.method == "prompt_tuning":
         return peft.PromptTuningConfig(num_virtual_tokens=config.prompt.virtual_tokens, task_type="CAUSAL_LM")
     if config.method == "prefix_tuning":
@@ -357,7 +401,8 @@ def _for_inference(net: Any, device: str, precision: str) -> Any:
 def _put_adapter(model: Any, folder: str) -> Any:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, folder)
+    with quiet_expert_rank_warning():
+        return PeftModel.from_pretrained(model, folder)
 
 
 __all__ = ["METHODS", "Method", "apply_method", "check_method_supported", "count_parameters", "get_method",

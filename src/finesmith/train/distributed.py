@@ -117,16 +117,42 @@ def wrap(model: torch.nn.Module, device: torch.device, mode: str = "ddp", bf16: 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         options = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        blocks = set(getattr(inner, "_no_split_modules", None) or ())
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, **options)
+        for module in shard_units(model):
+            fully_shard(module, **options)
         fully_shard(model, **options)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP2 shards as units of their own under the root: the decoder blocks.
+
+    They are the modules whose class the model names in `_no_split_modules` (e.g.
+    `Qwen3MoeDecoderLayer`, `Gemma3DecoderLayer`), outermost only: a unit inside another unit
+    would be gathered twice. A model that names none (or none of its modules match) falls back
+    to its list of decoder blocks, so each block is still gathered alone, never the whole model.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    units: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():  # parents come before their children
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names:
+            units.append(module)
+            inside.update(id(child) for child in module.modules())
+    if units:
+        return units
+    from finesmith.errors import FinesmithError
+    from finesmith.model.methods import transformer_blocks
+
+    try:
+        return list(transformer_blocks(inner))
+    except FinesmithError:  # no list of blocks either: the root unit holds everything
+        return []
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
