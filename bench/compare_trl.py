@@ -194,6 +194,9 @@ def main() -> None:
     parser.add_argument("--trainers", default="finesmith,trl",
                         help="which to run (finesmith alone checks the harness where TRL is not installed)")
     parser.add_argument("--compile", action="store_true", help="finesmith with compile: true (torch.compile, dynamic)")
+    parser.add_argument("--before", metavar="CHECKOUT",
+                        help="also train with an earlier finesmith (a checkout, e.g. from `git worktree add`), "
+                             "alternating with this one, and report this one's speed and memory as ratios to it")
     parser.add_argument("--worker", choices=["finesmith", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,11 +224,17 @@ def main() -> None:
             "steps": args.steps, "batch": args.batch, "warmup_steps": args.warmup_steps, "device": device,
             "compile": args.compile}
     trainers = [t for t in ("finesmith", "trl") if t in args.trainers.split(",")]
+    if args.before:  # the earlier checkout's own worker, importing the earlier package
+        trainers.insert(1, "before")
     runs: dict[str, list[dict]] = {name: [] for name in trainers}
     for repeat in range(args.repeats):
         for name in trainers:
-            proc = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)],
-                                  capture_output=True, text=True)
+            script, env = __file__, os.environ
+            if name == "before":
+                script = str(Path(args.before) / "bench" / "compare_trl.py")
+                env = {**os.environ, "PYTHONPATH": str(Path(args.before).resolve() / "src")}
+            proc = subprocess.run([sys.executable, script, "--worker", "finesmith" if name == "before" else name,
+                                   "--spec", json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
@@ -245,7 +254,15 @@ def main() -> None:
         "final_loss": {n: round(b["final_loss"], 4) for n, b in best.items()},
         "runs": runs,
     }
-    if len(trainers) == 2:
+    if "before" in runs:
+        summary["vs_before"] = {
+            "checkout": args.before,
+            "speed_ratio": round(best["finesmith"]["tokens_per_s"] / best["before"]["tokens_per_s"], 3),
+            "memory_ratio": round(min(r["peak_memory_mib"] for r in runs["finesmith"]) /
+                                  min(r["peak_memory_mib"] for r in runs["before"]), 3)}
+        print(f"finesmith now / before: {summary['vs_before']['speed_ratio']}x tokens/s, "
+              f"{summary['vs_before']['memory_ratio']}x peak memory")
+    if "trl" in runs and "finesmith" in runs:
         summary["speedup"] = round(best["finesmith"]["tokens_per_s"] / best["trl"]["tokens_per_s"], 2)
         summary["memory_ratio"] = round(min(r["peak_memory_mib"] for r in runs["finesmith"]) /
                                         min(r["peak_memory_mib"] for r in runs["trl"]), 3)
