@@ -26,7 +26,7 @@ from finesmith.export import QUANTS
 from finesmith.export.gguf_arch import Layout, gguf_tensors, permute_for_rope, write_hyperparameters
 from finesmith.export.gguf_arch import check_exportable as check_architecture
 from finesmith.export.gguf_modelfile import write_modelfile
-from finesmith.export.gguf_vocab import build_vocab, stop_token_ids, write_vocab
+from finesmith.export.gguf_vocab import build_vocab, general_name, stop_token_ids, write_vocab
 
 __all__ = ["check_exportable", "encode_tensor", "export_gguf", "gguf_tensors", "permute_for_rope", "write_gguf"]
 
@@ -65,7 +65,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str = "f16", name:
         tokenizer: its fast tokenizer with the chat template the run uses.
         path: the `.gguf` file to write.
         quant: `f16` or `q8_0` for the matrices.
-        name: `general.name` stored in the file.
+        name: `general.name` stored in the file (see `gguf_vocab.general_name`).
 
     Returns:
         `path`.
@@ -84,7 +84,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str = "f16", name:
     vocab = build_vocab(tokenizer, vocab_rows, stop_token_ids(tokenizer, model.generation_config.eos_token_id))
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, layout.arch)])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
+    writer.add_name(general_name(name, tokenizer))
     write_hyperparameters(writer, config, layout, vocab_rows)
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
     writer.add_file_type(file_type)

@@ -26,6 +26,7 @@ place, which llama.cpp all treats as end of generation.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,13 +126,25 @@ def is_sentencepiece(spec: dict[str, Any]) -> bool:
 
 
 def space_prefix(spec: dict[str, Any]) -> bool:
-    """Whether the tokenizer writes `▁` before the text (Llama 2) or not (Gemma)."""
+    """Whether the tokenizer writes `▁` before the text (Llama 2) or not (Gemma).
+
+    llama.cpp's `add_space_prefix` puts a space before every text and after every special
+    token, as a `Prepend("▁")` normalizer does. A `Metaspace` pre-tokenizer that prepends
+    does so only where the text does not already start with a space (and, with
+    `prepend_scheme: first`, not after special tokens), which llama.cpp cannot state.
+
+    Raises:
+        FinesmithError: for such a `Metaspace`.
+    """
     steps = _flatten(spec.get("normalizer")) + _flatten(spec.get("pre_tokenizer"))
     for step in steps:
         if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
             return True
         if step.get("type") == "Metaspace":
-            return step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never") != "never"
+            scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+            if scheme != "never":
+                raise FinesmithError(f"GGUF export: this SentencePiece tokenizer adds a leading space the way "
+                                     f"llama.cpp cannot (Metaspace, prepend_scheme {scheme}); {WAY_OUT}")
     return False
 
 
@@ -211,6 +224,24 @@ def end_markers(tokenizer: Any, stops: list[int]) -> dict[str, int]:
     rest = others[1:]
     unnamed = [i for i in rest if tokenizer.convert_ids_to_tokens(i) not in order]
     return {"eot": others[0]} | ({"eom": (unnamed or rest)[0]} if rest else {})
+
+
+# llama.cpp strips the whitespace after every special token (but these) of a model whose
+# `general.name` contains "phi-3" or "phi3", as Phi-3's tokenizer does (`rstrip` on its
+# markers); the file has no per-token setting for it.
+NOT_STRIPPED = ("<unk>", "<s>", "<|endoftext|>")
+PHI3_NAME = re.compile(r"phi(-?)3", re.IGNORECASE)
+
+
+def general_name(name: str, tokenizer: Any) -> str:
+    """`name`, adjusted so llama.cpp strips whitespace after special tokens exactly when the
+    run's tokenizer does: marked as Phi-3 when it strips, and a "phi3" spelled apart when not."""
+    strips = any(t.rstrip for t in tokenizer.added_tokens_decoder.values() if t.special and t.content not in NOT_STRIPPED)
+    if strips and not PHI3_NAME.search(name):
+        return f"{name} (phi-3 tokenizer)"
+    if not strips:
+        return PHI3_NAME.sub(lambda m: f"phi{m.group(1)}_3", name)
+    return name
 
 
 def appends_eos(tokenizer: Any) -> bool:
