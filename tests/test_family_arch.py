@@ -144,6 +144,28 @@ def test_packed_rows_equal_separate_examples(family, family_folders):
             assert torch.allclose(loss, reference, rtol=1e-5), layout
 
 
+def test_sliding_window_counts_positions_inside_a_token_trie(family_folders):
+    """Label scoring and preference pairs share a prompt in one row: each branch sees the prompt and its own
+    tokens. Gemma 3's sliding-window layers must count distance by position along the branch, as when the
+    prompt and the branch run alone."""
+    model = load_model(str(family_folders["gemma3"])).eval()
+    g = torch.Generator().manual_seed(3)
+    prompt, first, second = (torch.randint(10, 590, (n,), generator=g) for n in (20, 10, 12))
+    ids = torch.cat([prompt, first, second])[None]
+    positions = torch.cat([torch.arange(20), torch.arange(20, 30), torch.arange(20, 32)])[None]
+    n = ids.shape[1]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[:30, :30] = torch.ones(30, 30, dtype=torch.bool).tril()  # the prompt, then the first branch
+    mask[30:, :20] = True  # the second branch sees the prompt ...
+    mask[30:, 30:] = torch.ones(12, 12, dtype=torch.bool).tril()  # ... and itself, not the first branch
+    with torch.no_grad():
+        row = model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None]).logits[0]
+        alone_first = model(input_ids=torch.cat([prompt, first])[None]).logits[0]
+        alone_second = model(input_ids=torch.cat([prompt, second])[None]).logits[0]
+    assert torch.allclose(row[:30], alone_first, atol=2e-5)
+    assert torch.allclose(row[30:], alone_second[20:], atol=2e-5)
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_lowers_the_loss_and_lora_merges_exactly(family, method, family_folders):

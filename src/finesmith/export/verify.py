@@ -92,8 +92,9 @@ def greedy_mismatches(reference: Any, candidate: Any, prompts: list[torch.Tensor
 
 def tokenizer_mismatches(reference: Any, candidate: Any) -> int:
     """How many probe strings (plain and chat-rendered) tokenize differently."""
-    texts = list(PROBE_TEXTS) + [reference.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                                 for c in PROBE_CHATS]
+    from finesmith.data.template import render  # the system turn folded where the template refuses it
+
+    texts = list(PROBE_TEXTS) + [render(reference, c, add_generation_prompt=True) for c in PROBE_CHATS]
     ids = [(reference(t, add_special_tokens=False)["input_ids"], candidate(t, add_special_tokens=False)["input_ids"])
            for t in texts]
     return sum(a != b for a, b in ids)
