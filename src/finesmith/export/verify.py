@@ -120,8 +120,10 @@ def verify_adapter(reference: Any, tokenizer: Any, base_spec: str, folder: Path)
     from peft import PeftModel
 
     from finesmith.model.load import load_model
+    from finesmith.model.methods import quiet_expert_rank_warning
 
-    candidate = PeftModel.from_pretrained(load_model(base_spec), str(folder)).eval()
+    with quiet_expert_rank_warning():
+        candidate = PeftModel.from_pretrained(load_model(base_spec), str(folder)).eval()
     return [Check("max |logit diff| adapter reload vs run", max_logit_difference(reference, candidate,
                                                                                   probe_batches(tokenizer)),
                   LOGIT_TOLERANCE["adapter"])]
