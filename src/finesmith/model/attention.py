@@ -73,6 +73,9 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     given, narrowed to the layer's sliding window (`kwargs["sliding_window"]`) where it has one.
     """
     window = kwargs.get("sliding_window")
+    # Without a cache every key a query may see is in the row with every token between them (packed
+    # rows, tries), so it is never more positions back than tokens back: rows no longer than the
+    # window need no narrowing (and the check needs no device sync).
     if kwargs.get("cu_seq_lens_q") is not None:
         return _varlen(query, key, value, kwargs["cu_seq_lens_q"], kwargs.get("max_length_q"), scaling, window), None
     if window is not None and query.shape[2] == key.shape[2] and query.shape[2] > window:

@@ -29,6 +29,7 @@ from finesmith.config import PREFERENCE_OBJECTIVES, ROW_TOKENS, PreferenceSettin
 from finesmith.data.pack import pack_batch, pad_batch
 from finesmith.data.tokenize import TokenizedExample
 from finesmith.errors import FinesmithError
+from finesmith.model.attention import has_sliding_window, use_packed_attention
 from finesmith.model.load import load_model, resolve_model_path
 from finesmith.model.merge import merge_adapter
 from finesmith.train.objectives import sft_loss, virtual_sft_loss
@@ -170,8 +171,9 @@ def load_base_model(config: TrainConfig, device: str) -> Any:
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     path, _ = resolve_model_path(config.model)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                attn_implementation="sdpa", device_map={"": torch.cuda.current_device()})
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": torch.cuda.current_device()})
+    return use_packed_attention(model) if has_sliding_window(model) else model
 
 
 def qlora_base_for_merging(spec: str, device: str) -> Any:
@@ -196,6 +198,8 @@ def qlora_base_for_merging(spec: str, device: str) -> Any:
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa", device_map={"": torch.cuda.current_device()})
     model = model.dequantize()  # NF4 -> the weights training actually saw
+    if has_sliding_window(model):
+        use_packed_attention(model)
     return model.to(device=device, dtype=torch.float32)
 
 
