@@ -198,7 +198,7 @@ def canned(answers: dict[str, str]):
     """A stand-in for greedy generation: the answer for each prompt's last message."""
     seen = []
 
-    def fake(model, tokenizer, prompts, max_new_tokens=32, batch_size=16, tools=None):
+    def fake(model, tokenizer, prompts, max_new_tokens=32, batch_size=16, tools=None, memory=None):
         seen.append(tools)
         return [answers[p[-1]["content"]] for p in prompts]
 

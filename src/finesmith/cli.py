@@ -151,7 +151,10 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward, at most")
+    parser.add_argument("--eval-memory", default="auto", metavar="SIZE",
+                        help="memory the evaluation may use beyond the model's weights, e.g. 4GB (default auto: half "
+                             "the free RAM, 80%% of the free GPU memory); batch and decoding pool sizes follow from it")
     add_precision_flag(parser)
 
 
@@ -168,7 +171,8 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(task=args.task, shots=getattr(args, "shots", 0),
                        shot_strategy=args.shot_strategy, shot_format=args.shot_format, fixed_shots=not args.vary_shots,
                        max_prompt_tokens=args.max_prompt_tokens, scoring=args.scoring, seed=args.seed,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, precision=args.precision)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, precision=args.precision,
+                       memory=args.eval_memory)
 
 
 def shot_list(text: str) -> list[int]:

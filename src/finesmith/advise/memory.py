@@ -35,6 +35,7 @@ peak (weights + gradients + optimizer + the step's temporary).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from finesmith.advise.model_shape import ModelShape
@@ -68,6 +69,7 @@ class RunShape:
         optimizer: adamw | adamw_8bit | paged_adamw_8bit.
         gpus: processes the run spreads over (1: one device).
         sharded: FSDP2 (weights, gradients and optimizer state split over `gpus`) rather than DDP.
+        shared: few_shot: the tokens of `tokens` every prompt shares (fixed shots), held once.
     """
 
     method: str
@@ -81,6 +83,7 @@ class RunShape:
     optimizer: str = "adamw"
     gpus: int = 1
     sharded: bool = False
+    shared: int = 0
 
 
 DDP_BUCKETS = 2 * 25 * 1024**2  # DDP's default 25 MiB gradient buckets, two in flight
@@ -146,10 +149,8 @@ def block_elements_per_token(shape: ModelShape, run: RunShape) -> int:
 
 
 def activation_bytes(shape: ModelShape, run: RunShape) -> float:
-    """Activations of one micro-batch kept for backward (KV cache for inference)."""
+    """Activations of one micro-batch kept for backward."""
     element = BYTES["bf16"] if run.device == "cuda" else BYTES["fp32"]
-    if run.method in NO_TRAINING:
-        return shape.layers * run.tokens * 2 * shape.kv_heads * shape.head_dim * element
     block = block_elements_per_token(shape, run) * run.tokens * element + attention_bytes(shape, run)
     if run.checkpointing:
         return shape.layers * run.tokens * shape.hidden * element + block
@@ -170,12 +171,15 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
         shape: the model's dimensions.
         run: method, tokens per micro-batch, device and options.
     Returns:
-        A MemoryEstimate: bytes per component and the predicted peak.
+        A MemoryEstimate: bytes per component and the predicted peak. Few-shot prompting
+        trains nothing: its estimate is an evaluation's (`estimate_eval_memory`).
     """
+    if run.method in NO_TRAINING:
+        return estimate_eval_memory(shape, prompting_shape(run))
     trainable = trainable_parameters(shape, run)
     weights = weight_bytes(shape, run)
     runtime = CPU_RUNTIME if run.device == "cpu" else CUDA_RUNTIME
-    logits = shape.vocab * BYTES["fp32"] if run.method in NO_TRAINING else 3 * run.supervised * shape.vocab * BYTES["fp32"]
+    logits = 3 * run.supervised * shape.vocab * BYTES["fp32"]
     # the device's mask: [tokens, tokens] bool, expanded to a bf16 bias by CUDA's kernel
     mask = run.tokens**2 * (3 if run.device == "cuda" else 1)
     components = {
@@ -200,8 +204,6 @@ def estimate_memory(shape: ModelShape, run: RunShape) -> MemoryEstimate:
     resident += components.get("gathered weights", 0) + components.get("gradient buckets", 0)
     optimizer_step = components["gradients"] + components["optimizer step temporary"]
     peak = resident + max(backward, optimizer_step)
-    if run.method in NO_TRAINING:
-        peak = weights + components["activations"] + logits + runtime
     return MemoryEstimate({k: int(v) for k, v in components.items()}, int(peak))
 
 
@@ -215,3 +217,128 @@ def gathered_bytes(shape: ModelShape, run: RunShape) -> float:
 def block_parameters(shape: ModelShape) -> int:
     """Parameters of one decoder block (attention, gated MLP, two norms)."""
     return shape.linear_params // shape.layers + 2 * shape.hidden
+
+
+# ---------------------------------------------------------------------------- evaluation
+#
+# Evaluation (`finesmith eval`, `compare`, few-shot prompting) runs `finesmith.evaluate.engine`:
+# prompts are prefilled in batches on top of their group's shared prefix (held once), each
+# batch's label trie is forwarded from the same cache, and rows whose greedy answer needs
+# decoding wait in a pool that is decoded together once full. What it holds beyond the weights:
+#
+# - the shared prefix: its keys and values once, `prefix × kv` (kv = layers × 2 × kv_heads ×
+#   head_dim × element bytes per token);
+# - a prompt batch: the rows' own keys and values (`batch × (prompt + candidates) × kv`), and
+#   while one layer runs, the prefix joined to them for attention, the attention scores
+#   (`batch × heads × query × keys`: fp32 and the mask on CPU, the mask alone on CUDA) and that
+#   layer's activations; the LM head runs only at positions that are read, at most `HEAD_ROWS` at a
+#   time (logits and log-probabilities in fp32);
+# - the decoding pool: each row's own tokens only (`pool × (prompt + answer) × kv`), and while a
+#   step runs, one layer's join with the prefix, the copy that grows the cache by a token, and the
+#   next-token logits.
+#
+# A batch runs while the pool holds waiting rows, and the pool decodes between batches, so the
+# peak is weights + runtime + prefix + the larger of (pool + batch) and (decoding the pool).
+
+HEAD_ROWS = 256  # positions whose full-vocabulary logits exist at once (the engine reads the rest in turn)
+
+
+@dataclass(frozen=True)
+class EvalShape:
+    """The evaluation-dependent inputs of `estimate_eval_memory`.
+
+    Attributes:
+        prefix: tokens every prompt of a group shares (system prompt, fixed shots), held once.
+        prompt: the longest prompt's own tokens after the prefix.
+        candidates: label-trie tokens forwarded after each prompt (0 without label scoring).
+        answer: tokens a greedy answer may take (max new tokens).
+        batch: prompts per prefill forward.
+        pool: rows decoded together.
+        device: "cpu" (fp32) or "cuda" (bf16).
+    """
+
+    prefix: int
+    prompt: int
+    candidates: int = 0
+    answer: int = 32
+    batch: int = 16
+    pool: int = 64
+    device: str = "cpu"
+
+
+def kv_bytes_per_token(shape: ModelShape, device: str) -> float:
+    """Keys and values of one token in every layer."""
+    element = BYTES["bf16"] if device == "cuda" else BYTES["fp32"]
+    return shape.layers * 2 * shape.kv_heads * shape.head_dim * element
+
+
+def estimate_eval_memory(shape: ModelShape, ev: EvalShape) -> MemoryEstimate:
+    """Predicted peak memory of evaluating with the engine (see the section comment above).
+
+    Args:
+        shape: the model's dimensions.
+        ev: prompt, prefix and answer lengths, batch and pool sizes, device.
+    Returns:
+        A MemoryEstimate: weights, runtime, shared prefix, prompt batch, decoding pool, decoding
+        step, and the peak.
+    """
+    element = BYTES["bf16"] if ev.device == "cuda" else BYTES["fp32"]
+    kv = kv_bytes_per_token(shape, ev.device)
+    layer_kv = kv / shape.layers
+    own = ev.prompt + ev.candidates
+    query = max(ev.prompt, ev.candidates, 1)
+    keys = ev.prefix + own
+    read = min(HEAD_ROWS, ev.batch * max(1, ev.candidates))
+    # CPU's math kernel keeps fp32 scores beside the boolean mask; CUDA's memory-efficient
+    # kernel keeps only the mask, as a bf16 bias (as in training, see `estimate_memory`)
+    score = BYTES["fp32"] + 1 if ev.device == "cpu" else 3
+    batch = (ev.batch * own * kv  # the rows' own keys and values
+             + ev.batch * keys * layer_kv  # one layer's prefix joined to them
+             + ev.batch * shape.heads * query * keys * score  # attention scores and the mask
+             + ev.batch * query * (4 * shape.hidden + 3 * shape.intermediate) * element  # one layer's activations
+             + read * shape.vocab * 2 * BYTES["fp32"])  # logits and log-probabilities of read positions
+    row = ev.prompt + ev.answer
+    pool = ev.pool * row * kv
+    step = (ev.pool * (ev.prefix + row) * layer_kv  # one layer's join with the prefix
+            + ev.pool * row * layer_kv  # the copy that appends a token to that layer
+            + ev.pool * shape.heads * (ev.prefix + row) * score
+            + ev.pool * shape.vocab * BYTES["fp32"])
+    components = {
+        "weights": shape.params * element,
+        "runtime": CPU_RUNTIME if ev.device == "cpu" else CUDA_RUNTIME,
+        "shared prefix": ev.prefix * kv,
+        "prompt batch": batch,
+        "decoding pool": pool,
+        "decoding step": step,
+    }
+    working = components["shared prefix"] + pool + max(batch, step)
+    peak = components["weights"] + components["runtime"] + working
+    return MemoryEstimate({k: int(v) for k, v in components.items()}, int(peak))
+
+
+def eval_working_bytes(estimate: MemoryEstimate) -> int:
+    """What an evaluation holds beyond the weights and the runtime (what `--eval-memory` bounds)."""
+    return estimate.peak - estimate.components["weights"] - estimate.components["runtime"]
+
+
+def fit_eval_batches(shape: ModelShape, ev: EvalShape, budget: float) -> EvalShape | None:
+    """`ev` with the largest batch and pool (no larger than its own) whose working memory fits
+    `budget` bytes: the pool shrinks first (down to the batch), then both; None when one
+    prompt and one decoding row do not fit."""
+    batch, pool = ev.batch, ev.pool
+    while True:
+        trial = dataclasses.replace(ev, batch=batch, pool=pool)
+        if eval_working_bytes(estimate_eval_memory(shape, trial)) <= budget:
+            return trial
+        if pool > batch:
+            pool = max(batch, pool // 2)
+        elif batch > 1:
+            batch, pool = batch // 2, max(1, pool // 2)
+        else:
+            return None
+
+
+def prompting_shape(run: RunShape) -> EvalShape:
+    """Few-shot prompting as an evaluation: prompts of `run.tokens`, of which `run.shared` (the
+    fixed shots) are every prompt's shared prefix."""
+    return EvalShape(prefix=run.shared, prompt=run.tokens - run.shared, device=run.device)

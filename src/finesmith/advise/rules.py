@@ -97,7 +97,8 @@ def run_shape(plan: Plan, method: str) -> RunShape:
     """The micro-batch the memory peak happens on, for `method`."""
     if method == "few_shot":
         longest = plan.data.lengths[-1] if plan.data.lengths else 0
-        return RunShape("few_shot", tokens=(FEW_SHOT_EXAMPLES + 1) * longest, supervised=0, device=plan.hardware.device)
+        return RunShape("few_shot", tokens=(FEW_SHOT_EXAMPLES + 1) * longest, supervised=0, device=plan.hardware.device,
+                        shared=FEW_SHOT_EXAMPLES * longest)  # fixed shots: one prefix for every prompt
     # the global micro-batch is split over the GPUs; each holds its share's activations
     gpus = plan.hardware.gpus if plan.hardware.device == "cuda" else 1
     tokens, supervised = plan.data.largest_batch(max(1, plan.batch_size // gpus))

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finesmith.core.console import console
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.report import write_report
 from finesmith.evaluate.tasks import EvalOptions, EvalResult
@@ -56,11 +57,14 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
     loaded = load_for_inference(base, device=str(pick_device()), precision=options.precision)
     budget = options.max_prompt_tokens or context_budget(loaded[0], options.max_new_tokens)
     zero = dataclasses.replace(options, shots=0)
-    entries = [("base · zero-shot", evaluate(base, data, options=zero, limit=limit, loaded=loaded))]
+    total = 1 + len(sweep) + len(runs)
+    entries = [("base · zero-shot", approach(1, total, "base · zero-shot",
+                                             lambda: evaluate(base, data, options=zero, limit=limit, loaded=loaded)))]
     notes = []
     for k in sweep:
         k_options = dataclasses.replace(options, shots=k, max_prompt_tokens=budget)
-        result = evaluate(base, data, shots_from=shots_from, options=k_options, limit=limit, loaded=loaded)
+        result = approach(len(entries) + 1, total, f"base · {k}-shot", lambda: evaluate(
+            base, data, shots_from=shots_from, options=k_options, limit=limit, loaded=loaded))
         strategy = result.shot_info.get("strategy", options.shot_strategy)
         entries.append((f"base · {k}-shot ({strategy})", result))
         short = sum(1 for p in result.predictions if p.get("shots", k) < k)
@@ -69,12 +73,24 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
     del loaded
     names = [f"fine-tuned · {run}" for run in runs]
     for name, run in zip(names, runs):
-        entries.append((name, evaluate(run, data, options=zero, limit=limit)))
+        entries.append((name, approach(len(entries) + 1, total, name,
+                                       lambda: evaluate(run, data, options=zero, limit=limit))))
     notes = [f"held-out data: {data} ({entries[0][1].n} examples)", f"base model: {base}",
              *([f"prompting: zero-shot and k = {', '.join(map(str, sweep))} from {shots_from}; the verdict uses the "
                 "best of them (chosen on this held-out set, which favours prompting)"] if sweep else []), *notes]
     write_comparison(entries, list(zip(names, map(Path, runs))), output, notes)
     return entries
+
+
+def approach(index: int, total: int, name: str, run: Callable[[], EvalResult]) -> EvalResult:
+    """Evaluate one approach between a line that names it and a line with its headline, so a log
+    of `compare` says which approach its progress lines belong to."""
+    console.print(f"[{index}/{total}] {name}", markup=False, soft_wrap=True)
+    result = run()
+    headline = f"accuracy {result.accuracy:.3f}" if result.accuracy is not None else "done"
+    console.print(f"[{index}/{total}] {name}: {headline} on {result.n} examples in {result.seconds:.0f} s",
+                  markup=False, soft_wrap=True)
+    return result
 
 
 def context_budget(model: Any, max_new_tokens: int) -> int:

@@ -24,7 +24,8 @@ import torch
 
 from finesmith.data.pairs import ancestor_mask as trie_mask
 from finesmith.data.tokenize import tokens_and_mask
-from finesmith.evaluate.generate import eval_progress
+from finesmith.evaluate.progress import eval_progress
+
 
 @dataclass
 class TokenTrie:
@@ -123,19 +124,18 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[s
     if method_of(model).layout == PADDED:
         return padded_label_logprobs(model, tokenizer, prompts, candidates, tools=tools)
     scores: list[list[float]] = []
-    with eval_progress() as progress:
-        task = progress.add_task("label log-likelihood", total=len(prompts))
+    with eval_progress("label log-likelihood", len(prompts)) as progress:
         pending: list[TokenTrie] = []
         for messages, prompt_tools in zip(prompts, tools, strict=True):
             trie = build_trie(tokenizer, messages, candidates, prompt_tools)
             if pending and sum(len(t.ids) for t in pending) + len(trie.ids) > max_row_tokens:
                 scores.extend(score_tries(model, pending, len(candidates)))
-                progress.advance(task, len(pending))
+                progress.advance(len(pending))
                 pending = []
             pending.append(trie)
         if pending:
             scores.extend(score_tries(model, pending, len(candidates)))
-            progress.advance(task, len(pending))
+            progress.advance(len(pending))
     return scores
 
 
@@ -158,11 +158,10 @@ def padded_label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence
     rows = [TokenizedExample(*map(tuple, tokens_and_mask(tokenizer, answer_only(messages, cand), prompt_tools)), "")
             for messages, prompt_tools in zip(prompts, tools, strict=True) for cand in candidates]
     flat: list[float] = []
-    with eval_progress() as progress:
-        task = progress.add_task("label log-likelihood", total=len(rows))
+    with eval_progress("label log-likelihood", len(rows)) as progress:
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in pad_batch(rows[start:start + batch_size]).items()}
             flat.extend(virtual_sequence_logprobs(model, batch).double().tolist())
-            progress.advance(task, min(batch_size, len(rows) - start))
+            progress.advance(min(batch_size, len(rows) - start))
     n = len(candidates)
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]

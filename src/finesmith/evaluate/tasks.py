@@ -32,8 +32,8 @@ from finesmith.data.tokenize import TokenizedExample, lm_windows, require_tool_s
 from finesmith.data.tool_templates import install_tool_format
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.fewshot import SHOT_FORMATS, STRATEGIES, ShotSelector, budgeted_prompt
-from finesmith.evaluate.engine import answer_and_score
-from finesmith.evaluate.generate import generate
+from finesmith.evaluate.budget import parse_memory
+from finesmith.evaluate.generate import answer_and_score, generate
 from finesmith.evaluate.stats import expected_calibration_error, label_confidences
 from finesmith.evaluate.metrics import classification_metrics, generation_metrics, normalise_answer
 from finesmith.evaluate.toolcalls import (calls_json_length, format_calls, parse_tool_calls, score_calls,
@@ -65,6 +65,10 @@ class EvalOptions:
     tool_format: str = "hermes"
     # Model dtype for inference: auto (bf16 on CUDA, fp32 on CPU; see core.device.inference_dtype) | fp32 | bf16 | fp16
     precision: str = "auto"
+    # What evaluation may hold beyond the weights (KV caches, a prompt batch, the decoding pool):
+    # auto (half the free RAM, or 80% of the free GPU memory) or a size such as 4GB; batch and
+    # pool sizes follow from it (see finesmith.evaluate.budget)
+    memory: str = "auto"
 
     def validate(self) -> "EvalOptions":
         """Check choices and ranges; return self for chaining."""
@@ -79,7 +83,13 @@ class EvalOptions:
             raise FinesmithError(f"--shots must be 0 or more, got {self.shots}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise FinesmithError(f"--max-prompt-tokens must be at least 1, got {self.max_prompt_tokens}")
+        parse_memory(self.memory)
         return self
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """The `memory` budget in bytes (None: auto)."""
+        return parse_memory(self.memory)
 
 
 @dataclass
@@ -278,10 +288,11 @@ def classify(model: Any, tokenizer: Any, prompts: Prompts, references: Sequence[
     gold = [normalise_answer(r) for r in references]
     metrics: dict[str, Any] = {}
     generating = options.scoring in ("generate", "both")
-    answers, scores = answer_and_score(model, tokenizer, prompts.messages,
-                                       surface if options.scoring in ("loglik", "both") else None,
+    scoring = options.scoring in ("loglik", "both")
+    description = " + ".join(part for part, on in (("answering", generating), ("scoring labels", scoring)) if on)
+    answers, scores = answer_and_score(model, tokenizer, prompts.messages, surface if scoring else None,
                                        options.max_new_tokens if generating else 0, options.batch_size, tools,
-                                       prompts.groups)
+                                       prompts.groups, description, options.memory_bytes)
     if generating:
         metrics["generate"] = classification_metrics(gold, [normalise_answer(a) for a in answers], labels)
         for record, answer, ref in zip(records, answers, gold):
@@ -303,7 +314,7 @@ def open_generation(model: Any, tokenizer: Any, prompts: Prompts, references: Se
                     tools: Sequence[Any] | None = None) -> EvalResult:
     """Exact match, token F1, ROUGE-L and chrF of greedy answers."""
     answers = generate(model, tokenizer, prompts.messages, options.max_new_tokens, options.batch_size, tools,
-                       prompts.groups)
+                       prompts.groups, options.memory_bytes)
     for record, answer, ref in zip(records, answers, references):
         record.update(prediction=answer, correct=normalise_answer(answer) == normalise_answer(ref))
     metrics = {"generate": generation_metrics(references, answers)}
@@ -322,7 +333,8 @@ def tool_calls(model: Any, tokenizer: Any, examples: Sequence[Example], prompts:
     """
     reference = [ex.answer_tool_calls for ex in examples]
     budget = tool_call_budget(tokenizer, reference, options.max_new_tokens)
-    answers = generate(model, tokenizer, prompts, budget, options.batch_size, tools=[ex.tools for ex in examples])
+    answers = generate(model, tokenizer, prompts, budget, options.batch_size, tools=[ex.tools for ex in examples],
+                       memory=options.memory_bytes)
     scores, called, text_refs, text_answers = [], [], [], []
     for record, answer, calls, ex in zip(records, answers, reference, examples):
         parsed = parse_tool_calls(answer)
