@@ -208,8 +208,7 @@ class PromptEngine:
         outcomes = [Outcome() for _ in jobs]
         if not jobs:
             return outcomes
-        order = _order(jobs)
-        self.plan = self._plan(jobs, max_new_tokens)
+        order = self.plan_work(jobs, max_new_tokens)
         self._progress = progress
         try:
             for start in range(0, len(order), self.plan.batch):
@@ -221,14 +220,21 @@ class PromptEngine:
             self._prefix, self._pool, self._pool_prefix, self._progress = None, [], None, None
         return outcomes
 
-    def _plan(self, jobs: Sequence[Job], max_new_tokens: int) -> EvalShape:
-        """The work's lengths, and the batch and pool sizes that fit the memory budget."""
+    def plan_work(self, jobs: Sequence[Job], max_new_tokens: int) -> list[int]:
+        """Order the jobs by group (storing each group's shared prefix length on its jobs) and set
+        `plan`: the work's lengths, and the batch and pool sizes that fit the memory budget.
+
+        Returns:
+            The job indices in the order they run.
+        """
+        order = _order(jobs)
         shared = [job.group_prefix if job.group_prefix >= MIN_SHARED_PREFIX else 0 for job in jobs]
         wanted = EvalShape(prefix=max(shared), prompt=max(len(job.ids) - s for job, s in zip(jobs, shared)),
                            candidates=max((len(job.trie.ids) for job in jobs if job.trie is not None), default=0),
                            answer=max_new_tokens, batch=self.batch_size, pool=max(self.decode_rows, self.batch_size),
                            device=self.device.type)
-        return plan_batches(self.model, wanted, self.memory)
+        self.plan = plan_batches(self.model, wanted, self.memory)
+        return order
 
     def _done(self, rows: int) -> None:
         if self._progress is not None and rows:

@@ -19,7 +19,7 @@ from finesmith.evaluate.engine import Job, PromptEngine, continuation_trie, supp
 from finesmith.evaluate.loglik import answer_only, label_logprobs
 from finesmith.evaluate.progress import eval_progress
 
-__all__ = ["answer_and_score", "generate", "generate_batch", "generate_batched", "stop_token_ids"]
+__all__ = ["answer_and_score", "engine_jobs", "generate", "generate_batch", "generate_batched", "stop_token_ids"]
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
@@ -67,17 +67,7 @@ def answer_and_score(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
                    if max_new_tokens > 0 else None)
         scores = label_logprobs(model, tokenizer, conversations, candidates, tools=tools) if candidates else None
         return answers, scores
-    groups = list(groups) if groups is not None else [None] * len(conversations)
-    jobs, fallback = [], []
-    for i, (messages, conv_tools, group) in enumerate(zip(conversations, tools, groups, strict=True)):
-        ids = tokenize.prompt_ids(tokenizer, list(messages), conv_tools)
-        trie = None
-        if candidates:
-            rendered = [tokenize.tokens_and_mask(tokenizer, answer_only(messages, c), conv_tools) for c in candidates]
-            trie = continuation_trie(ids, rendered)
-            if trie is None:
-                fallback.append(i)
-        jobs.append(Job(ids, trie, group))
+    jobs, fallback = engine_jobs(tokenizer, conversations, candidates, tools, groups)
     engine = PromptEngine(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch_size, memory=memory)
     with eval_progress(description, len(jobs)) as progress:
         outcomes = engine.run(jobs, max_new_tokens, len(candidates or ()), progress.advance)
@@ -90,6 +80,25 @@ def answer_and_score(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
         for i, row in zip(fallback, redo):
             scores[i] = row
     return answers, scores
+
+
+def engine_jobs(tokenizer: Any, conversations: Sequence[Sequence[dict[str, Any]]], candidates: Sequence[str] | None,
+                tools: Sequence[Sequence[dict[str, Any]] | None], groups: Sequence[Any] | None = None
+                ) -> tuple[list[Job], list[int]]:
+    """Each conversation as an engine job (prompt tokens, candidate trie, group), and the indices
+    whose template merges the answer into the prompt's last token (no trie: scored one way)."""
+    groups = list(groups) if groups is not None else [None] * len(conversations)
+    jobs, fallback = [], []
+    for i, (messages, conv_tools, group) in enumerate(zip(conversations, tools, groups, strict=True)):
+        ids = tokenize.prompt_ids(tokenizer, list(messages), conv_tools)
+        trie = None
+        if candidates:
+            rendered = [tokenize.tokens_and_mask(tokenizer, answer_only(messages, c), conv_tools) for c in candidates]
+            trie = continuation_trie(ids, rendered)
+            if trie is None:
+                fallback.append(i)
+        jobs.append(Job(ids, trie, group))
+    return jobs, fallback
 
 
 @torch.no_grad()
