@@ -232,3 +232,26 @@ def test_a_log_of_compare_shows_progress_lines(tiny_model, tmp_path):
     assert len(progress) >= 3 * 3  # as each ~10% of the 24 rows is answered, for each approach
     assert "answering + scoring labels: 24/24 rows (100%)" in progress[-1] and "s elapsed" in progress[-1]
     assert not any("\x1b[" in line for line in lines)  # plain text, no terminal codes
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "phi3", "olmo2", "gemma3"])
+def test_every_family_answers_and_scores_like_each_prompt_alone(family, tmp_path):
+    """The engine runs the decoder and the LM head separately (the head only where logits are
+    read): every family's answers and label scores still equal plain generation and a full
+    forward; models with a sliding window are left to the batched-generate path."""
+    from families import make_family_model
+    from finesmith.evaluate.engine import supports
+
+    folder = make_family_model(tmp_path / family, family)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    if family == "gemma3":
+        assert not supports(model)
+        return
+    assert supports(model)
+    prompts = quiz(5, shots=QA[-2:])
+    jobs = jobs_for(tokenizer, prompts)
+    outcomes = PromptEngine(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), 2, decode_rows=2).run(
+        jobs, 4, len(CANDIDATES))
+    for messages, job, outcome in zip(prompts, jobs, outcomes):
+        assert outcome.answer_ids == reference_answer(model, tokenizer, job.ids, 4)
+        assert outcome.scores == pytest.approx(reference_scores(model, tokenizer, messages), abs=1e-4)
