@@ -152,6 +152,9 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward, at most")
+    parser.add_argument("--thinking", default="auto", choices=("auto", "on", "off"),
+                        help="reasoning models: ask with thinking on or off (default: the model's template; a run "
+                             "asks as it was trained, and compare asks the base model the way its runs were trained)")
     parser.add_argument("--eval-memory", default="auto", metavar="SIZE",
                         help="memory the evaluation may use beyond the model's weights, e.g. 4GB (default auto: half "
                              "the free RAM, 80%% of the free GPU memory); batch and decoding pool sizes follow from it")
@@ -172,7 +175,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
                        shot_strategy=args.shot_strategy, shot_format=args.shot_format, fixed_shots=not args.vary_shots,
                        max_prompt_tokens=args.max_prompt_tokens, scoring=args.scoring, seed=args.seed,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, precision=args.precision,
-                       memory=args.eval_memory)
+                       memory=args.eval_memory, thinking=args.thinking)
 
 
 def shot_list(text: str) -> list[int]:

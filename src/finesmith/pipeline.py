@@ -26,7 +26,7 @@ from finesmith.data.formats import PreferenceExample, load_examples
 from finesmith.data.pack import pack_bins, packing_efficiency
 from finesmith.data.pairs import tokenize_groups
 from finesmith.data.tokenize import TokenizedExample, tokenize_examples
-from finesmith.data.template import install_thinking
+from finesmith.data.template import install_thinking, installed_thinking
 from finesmith.data.tool_templates import install_tool_format
 from finesmith.data.validate import MIN_EXAMPLES, load_checked, refuse_sensitive
 from finesmith.errors import FinesmithError
@@ -493,6 +493,8 @@ def evaluate(model: str, data: str, adapter: str | None = None, shots_from: str 
     examples = load_examples(data)[:limit]
     pool = load_examples(shots_from) if options.shots and shots_from else []
     net, tokenizer = loaded or load_for_inference(model, adapter, str(pick_device()), options.precision)
+    if options.thinking != "auto" and installed_thinking(tokenizer) != options.thinking:
+        install_thinking(tokenizer, options.thinking)
     if examples and all(isinstance(ex, PreferenceExample) for ex in examples):
         from finesmith.evaluate.preference import evaluate_preferences
 

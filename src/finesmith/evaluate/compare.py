@@ -54,6 +54,8 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
         raise FinesmithError("--shots needs --shots-from TRAIN.jsonl to draw the examples from")
     for run in runs:
         load_run(run)  # refuses a folder that is not a run, before any model is loaded
+    thinking = options.thinking if options.thinking != "auto" else runs_thinking(runs)
+    options = dataclasses.replace(options, thinking=thinking)
     loaded = load_for_inference(base, device=str(pick_device()), precision=options.precision)
     budget = options.max_prompt_tokens or context_budget(loaded[0], options.max_new_tokens)
     zero = dataclasses.replace(options, shots=0)
@@ -72,9 +74,12 @@ def compare(data: str, base: str, runs: Sequence[str], output: Path, shots_from:
             notes.append(f"{k}-shot: {short} of {result.n} prompts dropped shots to fit {budget} tokens")
     del loaded
     names = [f"fine-tuned · {run}" for run in runs]
+    as_trained = dataclasses.replace(zero, thinking="auto")  # each run asks as its own template says
     for name, run in zip(names, runs):
         entries.append((name, approach(len(entries) + 1, total, name,
-                                       lambda: evaluate(run, data, options=zero, limit=limit))))
+                                       lambda: evaluate(run, data, options=as_trained, limit=limit))))
+    if thinking != "auto":
+        notes.append(f"the base model was asked with thinking {thinking}, as the fine-tuned runs were trained")
     notes = [f"held-out data: {data} ({entries[0][1].n} examples)", f"base model: {base}",
              *([f"prompting: zero-shot and k = {', '.join(map(str, sweep))} from {shots_from}; the verdict uses the "
                 "best of them (chosen on this held-out set, which favours prompting)"] if sweep else []), *notes]
@@ -91,6 +96,14 @@ def approach(index: int, total: int, name: str, run: Callable[[], EvalResult]) -
     console.print(f"[{index}/{total}] {name}: {headline} on {result.n} examples in {result.seconds:.0f} s",
                   markup=False, soft_wrap=True)
     return result
+
+
+def runs_thinking(runs: Sequence[str]) -> str:
+    """The `thinking` setting the runs were trained with, when they all agree; else `auto`."""
+    from finesmith.run import load_run
+
+    settings = {load_run(run).record.tokenizer.get("thinking", "auto") for run in runs}
+    return settings.pop() if len(settings) == 1 else "auto"
 
 
 def context_budget(model: Any, max_new_tokens: int) -> int:

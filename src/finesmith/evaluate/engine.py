@@ -527,20 +527,28 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling") 
 
 
 def supports(model: Any) -> bool:
-    """Whether the engine can run `model`: a packed-layout causal LM without sliding windows,
-    whose logits are its output embedding applied to the decoder's last hidden state."""
+    """Whether the engine can run `model` (see `unsupported_reason`)."""
+    return unsupported_reason(model) is None
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the engine cannot run `model`, or None when it can: it needs a packed-layout causal LM
+    without sliding windows, whose logits are its output embedding applied to the decoder's last
+    hidden state."""
     from finesmith.model.methods import PADDED, method_of
 
     if method_of(model).layout == PADDED:
-        return False
+        return "the method prepends virtual tokens (prompt or prefix tuning)"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config(decoder=True)
-    if base.get_output_embeddings() is None or any(getattr(config, key, None) not in (None, 1, 1.0)
-                                                   for key in LOGIT_TRANSFORMS):
-        return False
+    transformed = [key for key in LOGIT_TRANSFORMS if getattr(config, key, None) not in (None, 1, 1.0)]
+    if base.get_output_embeddings() is None or transformed:
+        return f"the model transforms its logits ({', '.join(transformed) or 'no output embedding'})"
     if getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False:
-        return True
-    return "sliding_attention" not in (getattr(config, "layer_types", None) or ["sliding_attention"])
+        return None
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ["sliding_attention"]):
+        return None
+    return f"the model has sliding-window attention layers (window {config.sliding_window})"
 
 
 def _causal(visible: torch.Tensor, query: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from finesmith.core.templates import stop_token_ids
 from finesmith.data import tokenize  # module attribute calls: tests may swap `prompt_ids`
-from finesmith.evaluate.engine import Job, PromptEngine, continuation_trie, supports
+from finesmith.evaluate.engine import Job, PromptEngine, continuation_trie, unsupported_reason
 from finesmith.evaluate.loglik import answer_only, label_logprobs
 from finesmith.evaluate.progress import eval_progress
 
@@ -62,7 +62,9 @@ def answer_and_score(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
     one-pass-per-purpose path: batched `generate` and packed label tries.
     """
     tools = list(tools) if tools is not None else [None] * len(conversations)
-    if not supports(model):
+    reason = unsupported_reason(model)
+    if reason is not None:
+        _say_fallback(reason)
         answers = (generate_batched(model, tokenizer, conversations, max_new_tokens, batch_size, tools)
                    if max_new_tokens > 0 else None)
         scores = label_logprobs(model, tokenizer, conversations, candidates, tools=tools) if candidates else None
@@ -143,3 +145,17 @@ def generate_batch(model: Any, tokenizer: Any, encoded: list[list[int]], stops: 
                          max_new_tokens=max_new_tokens, eos_token_id=stops,
                          pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None)
     return [tokenizer.decode(out[row, width:], skip_special_tokens=True).strip() for row in range(len(encoded))]
+
+
+_SAID: set[str] = set()
+
+
+def _say_fallback(reason: str) -> None:
+    """Say once per process why evaluation runs without the prefix-caching engine."""
+    if reason in _SAID:
+        return
+    _SAID.add(reason)
+    from finesmith.core.console import console
+
+    console.print(f"note: evaluation runs without the prefix-caching engine because {reason}; answers and "
+                  "scores come from batched generate and packed label tries (same results, slower)")

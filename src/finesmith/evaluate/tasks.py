@@ -29,6 +29,7 @@ from finesmith.config import TOOL_FORMATS
 from finesmith.core.device import PRECISIONS
 from finesmith.data.formats import AnyExample, Example, TextExample
 from finesmith.data.tokenize import TokenizedExample, lm_windows, require_tool_support, tokens_and_mask, uses_tools
+from finesmith.config import THINKING
 from finesmith.data.tool_templates import install_tool_format
 from finesmith.errors import FinesmithError
 from finesmith.evaluate.fewshot import SHOT_FORMATS, STRATEGIES, ShotSelector, budgeted_prompt
@@ -69,6 +70,9 @@ class EvalOptions:
     # auto (half the free RAM, or 80% of the free GPU memory) or a size such as 4GB; batch and
     # pool sizes follow from it (see finesmith.evaluate.budget)
     memory: str = "auto"
+    # Reasoning models: ask with thinking on or off (a template with enable_thinking, e.g. Qwen3);
+    # auto keeps what the model's template says (a run's template carries its training setting)
+    thinking: str = "auto"
 
     def validate(self) -> "EvalOptions":
         """Check choices and ranges; return self for chaining."""
@@ -76,7 +80,7 @@ class EvalOptions:
                                      ("shot strategy", self.shot_strategy, ("auto",) + STRATEGIES),
                                      ("shot format", self.shot_format, SHOT_FORMATS),
                                      ("tool format", self.tool_format, TOOL_FORMATS),
-                                     ("precision", self.precision, PRECISIONS)):
+                                     ("precision", self.precision, PRECISIONS), ("thinking", self.thinking, THINKING)):
             if value not in allowed:
                 raise FinesmithError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
         if self.shots < 0:
