@@ -81,7 +81,8 @@ class ChatFormat:
             first = "{{ if lt $target 0 }}{{ $target = $i }}{{ end }}" if self.fold == "first" else \
                 "{{ $target = $i }}"
             parts.append('{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}' + first + '{{ end }}{{ end }}')
-        parts.append('{{ if not $system }}' + text(self.no_system) + '{{ end }}')
+        if self.no_system:
+            parts.append('{{ if not $system }}' + text(self.no_system) + '{{ end }}')
         if self.fold:
             system = '{{ if eq $m.Role "system" }}'
             folded = '{{ if and $system (eq $i $target) }}{{ $system }}' + text(self.system[0]) + '{{ end }}'

@@ -26,6 +26,7 @@ place, which llama.cpp all treats as end of generation.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -191,9 +192,15 @@ def bpe_merges(tokenizer: Any, rows: int) -> list[str]:
     (it spells a space inside a merge the way llama.cpp expects)."""
     import gguf
 
-    with tempfile.TemporaryDirectory(prefix="finesmith-vocab-") as folder:
-        tokenizer.save_pretrained(folder)
-        return gguf.SpecialVocab(folder, load_merges=True, n_vocab=rows).merges
+    reader_log = logging.getLogger("gguf.vocab")  # its notes on post-processor shapes are not ours to act on
+    level = reader_log.level
+    reader_log.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="finesmith-vocab-") as folder:
+            tokenizer.save_pretrained(folder)
+            return gguf.SpecialVocab(folder, load_merges=True, n_vocab=rows).merges
+    finally:
+        reader_log.setLevel(level)
 
 
 def stop_token_ids(tokenizer: Any, generation_eos: Any = None) -> list[int]:
