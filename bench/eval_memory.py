@@ -3,6 +3,9 @@
     .venv/bin/python bench/eval_memory.py                      # eval --shots 10 on 100 and 400 rows
     .venv/bin/python bench/eval_memory.py --rows 100 --tag before   # one size, recorded under a tag
     .venv/bin/python bench/eval_memory.py --compare            # also: a short LoRA run, then compare k=10 on 400 rows
+    # measure a fixed snapshot (others may edit the checkout meanwhile), e.g. the last commit:
+    git archive HEAD src | tar -x -C /tmp/snap && PYTHONPATH=/tmp/snap/src .venv/bin/python bench/eval_memory.py \
+        --src /tmp/snap/src --src-label $(git rev-parse --short HEAD)
 
 Writes a synthetic banking-intent set (`bench/banking_intents.py`: 10 intents listed in the
 system prompt, answers of 5–8 tokens, so greedy answers need decoding and 10 shots make a
@@ -108,7 +111,10 @@ def eval_rows(data: Path, train: Path, rows: int, shots: int, extra: list[str], 
     result = measured(command, log)
     tail = [line for line in log.read_text().splitlines() if line.startswith("accuracy")]
     print(f"{rows} rows: peak {result['peak_rss_mib']} MiB, {result['seconds']} s", flush=True)
-    estimate = predicted(data, train, rows, shots) if SOURCE is None and not extra else {}
+    try:  # the estimate needs this version's engine (not an older --src)
+        estimate = predicted(data, train, rows, shots) if not extra else {}
+    except ImportError:
+        estimate = {}
     return {"rows": rows, **result, "accuracy_line": tail[-1] if tail else None, **estimate}
 
 

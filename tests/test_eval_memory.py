@@ -228,6 +228,7 @@ def test_a_log_of_compare_shows_progress_lines(tiny_model, tmp_path):
     for index, name in enumerate(("base · zero-shot", "base · 2-shot", f"fine-tuned · {run_dir}"), start=1):
         assert f"[{index}/3] {name}" in lines
         assert any(line.startswith(f"[{index}/3] {name}: accuracy ") for line in lines)
+    assert lines.count("  answering + scoring labels: 24 rows") == 3  # each pass says it starts
     progress = [line for line in lines if "rows/s" in line]
     assert len(progress) >= 3 * 3  # as each ~10% of the 24 rows is answered, for each approach
     assert "answering + scoring labels: 24/24 rows (100%)" in progress[-1] and "s elapsed" in progress[-1]

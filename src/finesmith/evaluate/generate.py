@@ -69,9 +69,9 @@ def answer_and_score(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
                    if max_new_tokens > 0 else None)
         scores = label_logprobs(model, tokenizer, conversations, candidates, tools=tools) if candidates else None
         return answers, scores
-    jobs, fallback = engine_jobs(tokenizer, conversations, candidates, tools, groups)
     engine = PromptEngine(model, tokenizer.pad_token_id, stop_token_ids(tokenizer), batch_size, memory=memory)
-    with eval_progress(description, len(jobs)) as progress:
+    with eval_progress(description, len(conversations)) as progress:
+        jobs, fallback = engine_jobs(tokenizer, conversations, candidates, tools, groups)
         outcomes = engine.run(jobs, max_new_tokens, len(candidates or ()), progress.advance)
     answers = ([tokenizer.decode(o.answer_ids, skip_special_tokens=True).strip() for o in outcomes]
                if max_new_tokens > 0 else None)

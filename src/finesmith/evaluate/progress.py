@@ -2,8 +2,8 @@
 
 A bar redraws one line in place, which a log file cannot show (rich prints nothing at all
 when stdout is not a terminal). So when the console is not a terminal, a pass prints plain
-lines instead: one each time another ~10% of its rows is done, with the rows done, rows per
-second and the time elapsed, so `finesmith compare ... > log.txt` shows it moving. Passes of
+lines instead: one as it starts, then one each time another ~10% of its rows is done, with the
+rows done, rows per second and the time elapsed, so `finesmith compare ... > log.txt` shows it moving. Passes of
 fewer than `PLAIN_MIN_ROWS` rows (the training loop's sample answers) only draw on a terminal.
 """
 
@@ -42,6 +42,8 @@ class EvalProgress:
                                  TimeRemainingColumn(), console=console, transient=True)
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total)
+        elif self.total >= PLAIN_MIN_ROWS:
+            console.print(f"  {self.description}: {self.total} rows", markup=False, soft_wrap=True)
         self._next_line = self._line_after(0)
         return self
 
