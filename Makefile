@@ -28,11 +28,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/finesmith demo
 
-# Two test processes, one test file each at a time (module fixtures stay in one process):
+# Two test processes, one test file (or test class) each at a time (module and class fixtures stay in one process):
 # many tests wait on subprocesses that import torch, so two at once nearly halve the time.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
