@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from families import make_family_model
+from families import FAMILIES, make_family_model
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -153,36 +153,10 @@ class FamilyMatrix:
             server.wait(timeout=30)
 
 
-class TestLlama(FamilyMatrix):
-    family = "llama"
-
-
-class TestQwen2(FamilyMatrix):
-    family = "qwen2"
-
-
-class TestQwen3(FamilyMatrix):
-    family = "qwen3"
-
-
-class TestQwen3Moe(FamilyMatrix):
-    family = "qwen3_moe"
-
-
-class TestGemma3(FamilyMatrix):
-    family = "gemma3"
-
-
-class TestMistral(FamilyMatrix):
-    family = "mistral"
-
-
-class TestPhi3(FamilyMatrix):
-    family = "phi3"
-
-
-class TestOlmo2(FamilyMatrix):
-    family = "olmo2"
+# One test class per family (TestLlama, TestQwen3Moe, ...): `make test` spreads classes over its workers.
+for _family in FAMILIES:
+    _name = "Test" + "".join(part.capitalize() for part in _family.split("_"))
+    globals()[_name] = type(_name, (FamilyMatrix,), {"family": _family})
 
 
 def test_qwen3_reasoning_trains_and_thinking_round_trips(tmp_path: Path) -> None:
