@@ -74,8 +74,8 @@ def render(tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_pr
     Raises:
         FinesmithError: the template refuses the conversation (e.g. a role order it forbids).
     """
-    fitted = fit_messages(tokenizer, messages, add_generation_prompt, tools)
-    return _apply(tokenizer, fitted, add_generation_prompt, tools)
+    fitted, rendered = _fit(tokenizer, messages, add_generation_prompt, tools)
+    return rendered if rendered is not None else _apply(tokenizer, fitted, add_generation_prompt, tools)
 
 
 # --- the system role ---------------------------------------------------------------
@@ -99,23 +99,30 @@ def fit_messages(tokenizer: Any, messages: Sequence[dict[str, Any]], add_generat
                  tools: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The messages as they are rendered: a system message folded into a user turn where the
     template would refuse or drop it (see the module docstring); otherwise unchanged copies."""
+    return _fit(tokenizer, messages, add_generation_prompt, tools)[0]
+
+
+def _fit(tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+         tools: Sequence[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], str | None]:
+    """`fit_messages`, with the rendering of the fitted messages when it was made on the way."""
     fitted = [dict(m) for m in messages]
     if not fitted or fitted[0].get("role") != "system" or len(fitted) < 2:
-        return fitted
+        return fitted, None
     system = fitted[0].get("content") or ""
     users = [i for i, m in enumerate(fitted) if m.get("role") == "user"]
     if not users:
-        return fitted
+        return fitted, None
     if refuses_system(tokenizer):
         _notice(tokenizer, "system-refused", "note: the model's chat template has no system role; the system text is "
                 "written at the start of the first user turn")
-        return _fold(fitted, users[0], system)
-    if system.strip() and system.strip() not in _apply(tokenizer, fitted, add_generation_prompt, tools):
+        return _fold(fitted, users[0], system), None
+    rendered = _apply(tokenizer, fitted, add_generation_prompt, tools) if system.strip() else None
+    if rendered is not None and system.strip() not in rendered:
         _notice(tokenizer, "system-dropped", "note: the model's chat template leaves the system text out of a "
                 "finished conversation; it is written into the last user turn, where the template puts it when "
                 "asking for an answer")
-        return _fold(fitted, users[-1], system)
-    return fitted
+        return _fold(fitted, users[-1], system), None
+    return fitted, rendered
 
 
 def _fold(messages: list[dict[str, Any]], user: int, system: str) -> list[dict[str, Any]]:
@@ -247,8 +254,8 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, Any]],
     Raises:
         FinesmithError: the template refuses the conversation, or a turn cannot be located.
     """
-    fitted = fit_messages(tokenizer, fit_reasoning(tokenizer, messages), False, tools)
-    text = _apply(tokenizer, fitted, False, tools)
+    fitted, text = _fit(tokenizer, fit_reasoning(tokenizer, messages), False, tools)
+    text = text if text is not None else _apply(tokenizer, fitted, False, tools)
     spans = []
     for index, message in enumerate(fitted):
         if message.get("role") == "assistant" and message.get("weight", 1) != 0:
@@ -327,6 +334,8 @@ def _turn_start(tokenizer: Any, messages: list[dict[str, Any]], index: int, text
     previous = index - 1
     asked = messages[:index]
     prompt = _apply(tokenizer, asked, True, tools)
+    if len(prompt) <= changed and text.startswith(prompt):
+        return len(prompt)  # the history renders as the prompt did: the turn starts where the prompt ends
     marked = _sentinel_content(messages[previous])
     if marked is None:
         return changed
