@@ -118,11 +118,12 @@ def eval_rows(data: Path, train: Path, rows: int, shots: int, extra: list[str], 
     return {"rows": rows, **result, "accuracy_line": tail[-1] if tail else None, **estimate}
 
 
-def compare_run(data: Path, train: Path, rows: int, shots: int, extra: list[str], logs: Path) -> dict:
-    """A short LoRA run, then `compare RUN --shots k` on `rows` rows (log to a file)."""
+def compare_run(data: Path, train: Path, rows: int, shots: int, extra: list[str], logs: Path, steps: int) -> dict:
+    """A short LoRA run (`steps` steps of 4 examples), then `compare RUN --shots k` on `rows` rows
+    (its log to a file)."""
     run = logs / "lora_run"
     train_cmd = finesmith("train", "--model", MODEL, "--data", str(train), "--method", "lora",
-                          "--max-steps", "20", "--batch-size", "8", "--output", str(run), "--overwrite")
+                          "--max-steps", str(steps), "--batch-size", "4", "--output", str(run), "--overwrite")
     trained = measured(train_cmd, logs / "train.log")
     log = logs / "compare.log"
     command = finesmith("compare", str(run), "--base", MODEL, "--data", str(data), "--shots-from",
@@ -133,7 +134,7 @@ def compare_run(data: Path, train: Path, rows: int, shots: int, extra: list[str]
     progress = [line for line in lines if " rows/s" in line]
     print(f"compare {rows} rows: peak {result['peak_rss_mib']} MiB, {result['seconds']} s, "
           f"{len(progress)} progress lines", flush=True)
-    return {"rows": rows, "train_seconds": trained["seconds"], **result, "progress_lines": len(progress),
+    return {"rows": rows, "train_steps": steps, "train_seconds": trained["seconds"], **result, "progress_lines": len(progress),
             "progress_sample": progress[:3] + progress[-2:]}
 
 
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--compare", action="store_true", help="also a short LoRA run and compare on 400 rows")
     parser.add_argument("--compare-only", action="store_true", help="only the compare measurement")
+    parser.add_argument("--train-steps", type=int, default=6, help="LoRA steps (4 examples each) of the compared run")
     parser.add_argument("--tag", default="after", help="section of the result file to write")
     parser.add_argument("--work", default="/tmp/finesmith_eval_memory", help="folder for data, logs and the run")
     parser.add_argument("--src", help="measure this source tree (e.g. an older commit's src/ from `git archive`)")
@@ -175,7 +177,7 @@ def main() -> None:
             section["time_ratio"] = round(last["seconds"] / first["seconds"], 3)
             section["rows_ratio"] = last["rows"] / first["rows"]
     if args.compare or args.compare_only:
-        section["compare"] = compare_run(data, train, 400, args.shots, args.extra, work)
+        section["compare"] = compare_run(data, train, 400, args.shots, args.extra, work, args.train_steps)
     section["load_average_at_end"] = os.getloadavg()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.tag] = section

@@ -11,7 +11,9 @@ memory of an evaluation does not grow with the number of held-out rows.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -82,3 +84,27 @@ def plan_batches(model: Any, wanted: EvalShape, budget: int | None) -> EvalShape
     raise FinesmithError(f"--eval-memory {budget / 1e9:.2f} GB cannot hold one prompt of "
                          f"{wanted.prefix + wanted.prompt} tokens and its answer (about {need / 1e9:.2f} GB); "
                          "raise it or use auto")
+
+
+def release_freed_memory(device: Any) -> None:
+    """Hand the memory of freed tensors back to the operating system (CPU with glibc).
+
+    glibc serves allocations below its mmap threshold from its heap, and that threshold rises
+    (up to 32 MB) as large tensors are freed, so most of a batch's tensors live in the heap. Freed,
+    they stay there: over hundreds of batches of differently sized tensors the heap fragments
+    and the resident size creeps up although live memory does not. `malloc_trim` returns the
+    free pages; the engine calls it between batches. CUDA's caching allocator, and other C
+    libraries, need nothing here.
+    """
+    import torch
+
+    if torch.device(device).type == "cpu" and _malloc_trim() is not None:
+        _malloc_trim()(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return None

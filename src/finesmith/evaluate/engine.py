@@ -32,7 +32,9 @@ Memory stays flat however many prompts there are (see `finesmith.advise.memory`,
   nodes, `HEAD_ROWS` at a time, each decoding step), and only a node's greedy token and its
   targets' log-probabilities are kept;
 - the batch and pool sizes are the largest (up to `batch_size` and `decode_rows`) whose
-  estimate fits the memory budget (`finesmith.evaluate.budget`).
+  estimate fits the memory budget (`finesmith.evaluate.budget`);
+- on the CPU, the memory of freed tensors goes back to the operating system after every batch
+  and pool (glibc's heap would otherwise keep it and grow with fragmentation).
 
 Every attention mask is an explicit 4-D boolean mask over the cache, so padding in the middle
 of a row (after a shared prefix), trie branches and decoded tokens are kept apart exactly:
@@ -51,7 +53,7 @@ import torch
 
 from finesmith.advise.memory import HEAD_ROWS, EvalShape
 from finesmith.data.pairs import ancestor_mask
-from finesmith.evaluate.budget import plan_batches
+from finesmith.evaluate.budget import plan_batches, release_freed_memory
 from finesmith.evaluate.kvcache import Prefix, PrefixedCache
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth its own forward
@@ -215,6 +217,7 @@ class PromptEngine:
                 index = order[start:start + self.plan.batch]
                 for i, outcome in zip(index, self._batch([jobs[i] for i in index], max_new_tokens, n_candidates)):
                     outcomes[i] = outcome
+                release_freed_memory(self.device)  # the batch's tensors are freed: keep the process that size
             self._flush(max_new_tokens)
         finally:
             self._prefix, self._pool, self._pool_prefix, self._progress = None, [], None, None
@@ -410,6 +413,8 @@ class PromptEngine:
         outcomes = [o for c in chunks for o in c.outcomes]
         self._decode(outcomes, [t for c in chunks for t in c.tokens], [p for c in chunks for p in c.positions],
                      visible, len(self._pool_prefix or ()), cache, max_new_tokens)
+        del cache
+        release_freed_memory(self.device)
         self._done(total)
 
     def _decode(self, outcomes: list[Outcome], first: list[int], first_positions: list[int], own: torch.Tensor,
