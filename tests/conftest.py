@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# One compute thread per test process (and per command a test starts): `make test` runs two
+# workers on two cores, and more threads than cores make the tiny models' ops wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 

@@ -108,7 +108,7 @@ def test_family_answers_the_same_in_llama_cpp(exported) -> None:
 
 
 def test_family_file_states_the_architecture_template_and_stops(exported) -> None:
-    from finesmith.export.gguf_vocab import stop_token_ids
+    from finesmith.export.gguf_vocab import model_stop_ids
 
     family, model, tokenizer, root, files = exported
     fields, tensors = gguf_fields(root / files[0])
@@ -118,7 +118,7 @@ def test_family_file_states_the_architecture_template_and_stops(exported) -> Non
     assert fields[f"{arch}.vocab_size"] == model.get_input_embeddings().weight.shape[0]
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
-    stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
+    stops = model_stop_ids(tokenizer, model.generation_config.eos_token_id)
     marked = {fields.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")}
     end_of_turn = [t for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>") if t in tokenizer.get_vocab()]
     if end_of_turn and tokenizer.convert_tokens_to_ids(end_of_turn[0]) != tokenizer.eos_token_id:
@@ -138,13 +138,13 @@ def test_family_file_states_the_architecture_template_and_stops(exported) -> Non
 def test_family_modelfile_has_the_chat_format_and_stops(exported) -> None:
     from finesmith.data.tokenize import bos_to_prepend, render
     from finesmith.export.gguf_modelfile import CHECKS, chat_format
-    from finesmith.export.gguf_vocab import stop_token_ids
+    from finesmith.export.gguf_vocab import model_stop_ids
 
     family, model, tokenizer, root, files = exported
     assert files[1] == "Modelfile"
     text = (root / "Modelfile").read_text(encoding="utf-8")
     assert f"FROM ./{files[0]}\n" in text
-    stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, model.generation_config.eos_token_id))
+    stops = tokenizer.convert_ids_to_tokens(model_stop_ids(tokenizer, model.generation_config.eos_token_id))
     assert [line for line in text.splitlines() if line.startswith("PARAMETER stop")] == \
         [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in dict.fromkeys(stops)]
     # every family's template is a fixed text around each message, so each gets a TEMPLATE...

@@ -26,7 +26,7 @@ from finesmith.export import QUANTS
 from finesmith.export.gguf_arch import Layout, gguf_tensors, permute_for_rope, write_hyperparameters
 from finesmith.export.gguf_arch import check_exportable as check_architecture
 from finesmith.export.gguf_modelfile import write_modelfile
-from finesmith.export.gguf_vocab import build_vocab, general_name, stop_token_ids, write_vocab
+from finesmith.export.gguf_vocab import build_vocab, general_name, model_stop_ids, write_vocab
 
 __all__ = ["check_exportable", "encode_tensor", "export_gguf", "gguf_tensors", "permute_for_rope", "write_gguf"]
 
@@ -81,7 +81,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str = "f16", name:
     layout = check_exportable(config)
     tensors = gguf_tensors(model, layout)
     vocab_rows = int(model.get_input_embeddings().weight.shape[0])
-    vocab = build_vocab(tokenizer, vocab_rows, stop_token_ids(tokenizer, model.generation_config.eos_token_id))
+    vocab = build_vocab(tokenizer, vocab_rows, model_stop_ids(tokenizer, model.generation_config.eos_token_id))
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, layout.arch)])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(general_name(name, tokenizer))
@@ -108,5 +108,5 @@ def export_gguf(model: Any, tokenizer: Any, folder: Path, filename: str, quant: 
         The names of the two files.
     """
     path = write_gguf(model, tokenizer, Path(folder) / filename, quant, name)
-    stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
+    stops = model_stop_ids(tokenizer, model.generation_config.eos_token_id)
     return [path.name, write_modelfile(Path(folder), tokenizer, path.name, stops).name]

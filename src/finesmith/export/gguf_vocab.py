@@ -203,7 +203,7 @@ def bpe_merges(tokenizer: Any, rows: int) -> list[str]:
         reader_log.setLevel(level)
 
 
-def stop_token_ids(tokenizer: Any, generation_eos: Any = None) -> list[int]:
+def model_stop_ids(tokenizer: Any, generation_eos: Any = None) -> list[int]:
     """Every token the fine-tuned model stops at: EOS, the end-of-turn markers, and the
     `eos_token_id`s of its generation config."""
     from finesmith.core.templates import stop_token_ids as template_stops
@@ -264,7 +264,7 @@ def build_vocab(tokenizer: Any, rows: int, stops: list[int]) -> Vocab:
     Args:
         tokenizer: the run's fast tokenizer (chat template included).
         rows: embedding rows; rows past the vocabulary become unused `[PADn]` tokens.
-        stops: token ids generation must stop at (see `stop_token_ids`).
+        stops: token ids generation must stop at (see `model_stop_ids`).
 
     Raises:
         FinesmithError: the tokenizer is of a shape llama.cpp would tokenize differently, or

@@ -240,7 +240,7 @@ def verify_gguf_in_llama_cpp(reference: Any, tokenizer: Any, path: Path, quant: 
     chat template and the tokens generation stops at."""
     import llama_cpp
 
-    from finesmith.export.gguf_vocab import stop_token_ids
+    from finesmith.export.gguf_vocab import model_stop_ids
 
     prompts = probe_batches(tokenizer)
     try:
@@ -256,7 +256,7 @@ def verify_gguf_in_llama_cpp(reference: Any, tokenizer: Any, path: Path, quant: 
             differ += int(llama_cpp_greedy(llm, ids[0].tolist()) != greedy_tokens(reference, ids))
         tokens_differ = sum(llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
                             != tokenizer(t, add_special_tokens=False)["input_ids"] for t in probe_texts(tokenizer))
-        stops = stop_token_ids(tokenizer, reference.generation_config.eos_token_id)
+        stops = model_stop_ids(tokenizer, reference.generation_config.eos_token_id)
         not_stopping = sum(not llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) for token in stops)
         template_changed = llm.metadata.get("tokenizer.chat_template") != tokenizer.chat_template
     finally:
