@@ -4,15 +4,18 @@
     .venv/bin/python bench/eval_memory.py --rows 100 --tag before   # one size, recorded under a tag
     .venv/bin/python bench/eval_memory.py --compare            # also: a short LoRA run, then compare k=10 on 400 rows
     # measure a fixed snapshot (others may edit the checkout meanwhile), e.g. the last commit:
-    git archive HEAD src | tar -x -C /tmp/snap && PYTHONPATH=/tmp/snap/src .venv/bin/python bench/eval_memory.py \
-        --src /tmp/snap/src --src-label $(git rev-parse --short HEAD)
+    mkdir -p /tmp/snap && git archive HEAD src | tar -x -C /tmp/snap
+    PYTHONPATH=/tmp/snap/src .venv/bin/python bench/eval_memory.py --src /tmp/snap/src \\
+        --src-label $(git rev-parse --short HEAD)
 
 Writes a synthetic banking-intent set (`bench/banking_intents.py`: 10 intents listed in the
 system prompt, answers of 5–8 tokens, so greedy answers need decoding and 10 shots make a
 prefix of about 650 tokens), then runs `finesmith eval --shots 10` on the built-in
 SmolLM2-135M-Instruct for each `--rows`, each in its own process with stdout to a file (not a
-terminal). The peak is the measured process's `VmHWM` from /proc (polled while it runs; it
-is a high-water mark, so the last reading is the peak), the time its wall clock.
+terminal). The peak is the measured process's `VmHWM` from /proc, read every 50 ms while it
+runs (a high-water mark: the last reading is its peak but for the last 50 ms), the time its
+wall clock. Beside each measurement: the advisor's estimate of the same work
+(`finesmith.advise.memory.estimate_eval_memory` for the engine's plan).
 
 With `--compare`, trains a short LoRA run on the same training file and runs
 `finesmith compare RUN --shots 10` on 400 rows, recording its peak, wall time and the
@@ -78,6 +81,13 @@ def measured(command: list[str], log: Path, timeout: float = 3600) -> dict:
     return {"command": " ".join(command), "peak_rss_mib": round(peak / 2**20, 1), "seconds": round(seconds, 1)}
 
 
+def measuring_this_process_source() -> bool:
+    """Whether the measured source is the one this process imports (the estimate uses its engine)."""
+    import finesmith
+
+    return SOURCE is None or Path(finesmith.__file__).resolve().is_relative_to(Path(SOURCE))
+
+
 def predicted(data: Path, train: Path, rows: int, shots: int) -> dict:
     """The advisor's estimate of the same evaluation: the engine's plan for these prompts (lengths,
     batch, pool) sized by `finesmith.advise.memory.estimate_eval_memory`."""
@@ -111,10 +121,7 @@ def eval_rows(data: Path, train: Path, rows: int, shots: int, extra: list[str], 
     result = measured(command, log)
     tail = [line for line in log.read_text().splitlines() if line.startswith("accuracy")]
     print(f"{rows} rows: peak {result['peak_rss_mib']} MiB, {result['seconds']} s", flush=True)
-    try:  # the estimate needs this version's engine (not an older --src)
-        estimate = predicted(data, train, rows, shots) if not extra else {}
-    except ImportError:
-        estimate = {}
+    estimate = predicted(data, train, rows, shots) if measuring_this_process_source() and not extra else {}
     return {"rows": rows, **result, "accuracy_line": tail[-1] if tail else None, **estimate}
 
 
@@ -134,7 +141,8 @@ def compare_run(data: Path, train: Path, rows: int, shots: int, extra: list[str]
     progress = [line for line in lines if " rows/s" in line]
     print(f"compare {rows} rows: peak {result['peak_rss_mib']} MiB, {result['seconds']} s, "
           f"{len(progress)} progress lines", flush=True)
-    return {"rows": rows, "train_steps": steps, "train_seconds": trained["seconds"], **result, "progress_lines": len(progress),
+    return {"rows": rows, "train_steps": steps, "train_seconds": trained["seconds"], **result,
+            "progress_lines": len(progress),
             "progress_sample": progress[:3] + progress[-2:]}
 
 
@@ -180,7 +188,7 @@ def main() -> None:
         section["compare"] = compare_run(data, train, 400, args.shots, args.extra, work, args.train_steps)
     section["load_average_at_end"] = os.getloadavg()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results[args.tag] = section
+    results[args.tag] = {**results.get(args.tag, {}), **section}  # --compare-only adds to the eval numbers
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(section, indent=2))

@@ -233,9 +233,9 @@ def block_parameters(shape: ModelShape) -> int:
 #   (`batch × heads × query × keys`: fp32 and the mask on CPU, the mask alone on CUDA) and that
 #   layer's activations; the LM head runs only at positions that are read, at most `HEAD_ROWS` at a
 #   time (logits and log-probabilities in fp32);
-# - the decoding pool: each row's own tokens only (`pool × (prompt + answer) × kv`), and while a
-#   step runs, one layer's join with the prefix, the copy that grows the cache by a token, and the
-#   next-token logits.
+# - the decoding pool: each row's own tokens only, its prompt, the label-trie path its answer took
+#   (at most the answer) and room for the answer (`pool × (prompt + 2 × answer) × kv`), and while
+#   a step runs, one layer's join with the prefix and the next-token logits.
 #
 # A batch runs while the pool holds waiting rows, and the pool decodes between batches, so the
 # peak is weights + runtime + prefix + the larger of (pool + batch) and (decoding the pool).
@@ -297,10 +297,9 @@ def estimate_eval_memory(shape: ModelShape, ev: EvalShape) -> MemoryEstimate:
              + ev.batch * shape.heads * query * keys * score  # attention scores and the mask
              + ev.batch * query * (4 * shape.hidden + 3 * shape.intermediate) * element  # one layer's activations
              + read * shape.vocab * 2 * BYTES["fp32"])  # logits and log-probabilities of read positions
-    row = ev.prompt + ev.answer
+    row = ev.prompt + 2 * ev.answer
     pool = ev.pool * row * kv
     step = (ev.pool * (ev.prefix + row) * layer_kv  # one layer's join with the prefix
-            + ev.pool * row * layer_kv  # the copy that appends a token to that layer
             + ev.pool * shape.heads * (ev.prefix + row) * score
             + ev.pool * shape.vocab * BYTES["fp32"])
     components = {

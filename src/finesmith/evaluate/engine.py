@@ -389,8 +389,9 @@ class PromptEngine:
             self._flush(max_new_tokens)
 
     def _flush(self, max_new_tokens: int) -> None:
-        """Decode every pooled row together: own caches padded to one width (padding masked),
-        each chunk freed layer by layer as it is copied in."""
+        """Decode every pooled row together: own caches padded to one width (padding masked, zeros
+        so that it stays finite) with room for the answers, each chunk freed layer by layer as it
+        is copied in."""
         chunks, self._pool = self._pool, []
         if not chunks:
             return
@@ -399,7 +400,8 @@ class PromptEngine:
         cache = PrefixedCache(self._pool_prefix, self._layers)
         for i, layer in enumerate(cache.layers):
             sample = chunks[0].layers[i][0]
-            keys = sample.new_zeros(total, sample.shape[1], width, sample.shape[3])
+            # with room for the answers' tokens, written in place as they are decoded
+            keys = sample.new_zeros(total, sample.shape[1], width + max_new_tokens, sample.shape[3])
             values = torch.zeros_like(keys)
             row = 0
             for chunk in chunks:
@@ -408,7 +410,7 @@ class PromptEngine:
                 keys[row:row + n, :, :length], values[row:row + n, :, :length] = chunk_keys, chunk_values
                 chunk.layers[i] = None
                 row += n
-            layer.own(keys, values)
+            layer.own(keys, values, width)
         visible = torch.cat([torch.nn.functional.pad(c.visible, (0, width - c.visible.shape[1])) for c in chunks])
         outcomes = [o for c in chunks for o in c.outcomes]
         self._decode(outcomes, [t for c in chunks for t in c.tokens], [p for c in chunks for p in c.positions],

@@ -40,36 +40,60 @@ class Prefix:
 
 
 class PrefixedLayer(DynamicLayer):
-    """One layer's cache: the shared prefix (or none) and the rows' own keys and values after it."""
+    """One layer's cache: the shared prefix (or none) and the rows' own keys and values after it.
+
+    Own keys and values grow by concatenation, or, once `own` gave them buffers with room
+    (decoding), in place: a decoding step then writes its token into the buffer instead of
+    copying every row's keys into a block one token longer, which would leave the freed, slightly
+    shorter blocks of every layer behind in the allocator's heap at each step.
+    """
 
     def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.prefix = prefix
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._length = 0
 
     @property
     def prefix_length(self) -> int:
         return 0 if self.prefix is None else self.prefix[0].shape[2]
 
-    def own(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Start from these own keys and values (`[rows, kv_heads, S, head_dim]`), without a copy."""
+    def own(self, keys: torch.Tensor, values: torch.Tensor, length: int | None = None) -> None:
+        """Start from these own keys and values (`[rows, kv_heads, S, head_dim]`), without a copy.
+        With `length`, they are buffers of which the first `length` columns are filled and the
+        rest is room for tokens to come."""
         self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        if length is None:
+            self.keys, self.values = keys, values
+        else:
+            self._buffers, self._length = (keys, values), length
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        end = self._length + key_states.shape[2]
+        if self._buffers is not None and end <= self._buffers[0].shape[2]:
+            keys, values = self._buffers
+            keys[:, :, self._length:end], values[:, :, self._length:end] = key_states, value_states
+            self._length = end
+            self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        else:
+            self._buffers = None
+            super().update(key_states, value_states, *args, **kwargs)
         if self.prefix is None:
-            return keys, values
-        rows = keys.shape[0]
-        return (torch.cat([self.prefix[0].expand(rows, -1, -1, -1), keys], dim=2),
-                torch.cat([self.prefix[1].expand(rows, -1, -1, -1), values], dim=2))
+            return self.keys, self.values
+        rows = self.keys.shape[0]
+        return (torch.cat([self.prefix[0].expand(rows, -1, -1, -1), self.keys], dim=2),
+                torch.cat([self.prefix[1].expand(rows, -1, -1, -1), self.values], dim=2))
 
     def get_seq_length(self) -> int:
         return self.prefix_length + super().get_seq_length()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows at `indices` (their own keys and values; the prefix stays shared)."""
-        if self.is_initialized and self.keys.numel():
+        if self._buffers is not None:
+            self.own(self._buffers[0][indices], self._buffers[1][indices], self._length)
+        elif self.is_initialized and self.keys.numel():
             self.keys, self.values = self.keys[indices], self.values[indices]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
