@@ -65,6 +65,7 @@ def vm_hwm(pid: int) -> int | None:
 
 def measured(command: list[str], log: Path, timeout: float = 3600) -> dict:
     """Run `command` with stdout and stderr to `log`; its peak RSS (VmHWM), seconds and exit code."""
+    load = os.getloadavg()[0]  # other work on the machine slows a CPU run, and the time says nothing of it
     started = time.perf_counter()
     with log.open("w") as out:
         env = {**os.environ, "COLUMNS": "120", **({"PYTHONPATH": SOURCE} if SOURCE else {})}
@@ -78,7 +79,8 @@ def measured(command: list[str], log: Path, timeout: float = 3600) -> dict:
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}); see {log}")
-    return {"command": " ".join(command), "peak_rss_mib": round(peak / 2**20, 1), "seconds": round(seconds, 1)}
+    return {"command": " ".join(command), "peak_rss_mib": round(peak / 2**20, 1), "seconds": round(seconds, 1),
+            "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
 def measuring_this_process_source() -> bool:
@@ -173,7 +175,7 @@ def main() -> None:
     work = Path(args.work)
     train, data = write(work / "data", 400, max(sizes + [400]))
     section: dict = {"source": args.src_label or args.src or "this checkout", "date": datetime.date.today().isoformat(),
-                     "commit": git_head(), "load_average_at_start": os.getloadavg(), "model": MODEL,
+                     "bench_checkout": git_head(), "model": MODEL,
                      "shots": args.shots,
                      "device": f"cpu, {os.cpu_count()} cores ({platform.machine()})",
                      "data": "bench/banking_intents.py: 400 training rows (shots), held-out rows from another seed"}
@@ -186,7 +188,6 @@ def main() -> None:
             section["rows_ratio"] = last["rows"] / first["rows"]
     if args.compare or args.compare_only:
         section["compare"] = compare_run(data, train, 400, args.shots, args.extra, work, args.train_steps)
-    section["load_average_at_end"] = os.getloadavg()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[args.tag] = {**results.get(args.tag, {}), **section}  # --compare-only adds to the eval numbers
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

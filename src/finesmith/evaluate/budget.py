@@ -81,9 +81,13 @@ def plan_batches(model: Any, wanted: EvalShape, budget: int | None) -> EvalShape
     if budget is None:  # too little free memory: go on one row at a time rather than refuse
         return smallest
     need = eval_working_bytes(estimate_eval_memory(model_shape(model), smallest))
-    raise FinesmithError(f"--eval-memory {budget / 1e9:.2f} GB cannot hold one prompt of "
-                         f"{wanted.prefix + wanted.prompt} tokens and its answer (about {need / 1e9:.2f} GB); "
-                         "raise it or use auto")
+    raise FinesmithError(f"--eval-memory {readable(budget)} cannot hold one prompt of {wanted.prefix + wanted.prompt} "
+                         f"tokens and its answer (about {readable(need)}); raise it or use auto")
+
+
+def readable(size: float) -> str:
+    """`1.5 GB`, `40 MB`: bytes as a user writes them."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
 
 
 def release_freed_memory(device: Any) -> None:
