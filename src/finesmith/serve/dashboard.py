@@ -94,7 +94,7 @@ def reports(roots: list[Path]) -> dict[str, Path]:
 
 def add_dashboard(app: FastAPI, store: Any, roots: list[Path]) -> None:
     """The page, its script and the read-only run endpoints on `app`."""
-    from finesmith.serve.server import APIError
+    from finesmith.serve.http import APIError
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:

@@ -44,7 +44,7 @@ STOP_WAIT_S = 60  # how long a worker may take to save its checkpoint and exit
 
 
 def api_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Exception:
-    from finesmith.serve.server import APIError
+    from finesmith.serve.http import APIError
 
     return APIError(status, message, param=param, code=code)
 
@@ -333,7 +333,7 @@ def validate_upload(content: bytes, filename: str) -> tuple[int, str]:
 
 def add_routes(app: FastAPI, service: JobService) -> None:
     """Files and fine-tuning jobs endpoints on `app`."""
-    from finesmith.serve.server import json_body
+    from finesmith.serve.http import json_body
 
     store, registry = service.store, service.registry
 
