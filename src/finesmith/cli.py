@@ -413,6 +413,13 @@ def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--queue-size", type=int, default=32, metavar="N",
                        help="requests that may wait for the model while one runs; beyond that clients get "
                             "HTTP 429 with Retry-After (default 32)")
+    serve.add_argument("--allowed-host", action="append", metavar="NAME[:PORT]", default=[],
+                       help="also answer requests whose Host header is NAME (any port, or only PORT); repeatable. "
+                            "By default only the bound address and localhost/127.0.0.1/[::1] with the port are "
+                            "answered, which defeats DNS rebinding")
+    serve.add_argument("--max-upload-size", type=byte_size, default="512MB", metavar="SIZE",
+                       help="largest training file /v1/files accepts, e.g. 200MB or 2GB (default 512MB, the "
+                            "hosted API's limit); bigger uploads get HTTP 413")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -440,7 +447,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from finesmith.serve.server import serve
 
     serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size, precision=args.precision,
-          jobs=not args.no_jobs, runs=args.runs)
+          jobs=not args.no_jobs, runs=args.runs, allowed_hosts=args.allowed_host,
+          max_upload_bytes=args.max_upload_size)
+
+
+def byte_size(text: str) -> int:
+    """`512MB`, `2GB`, `300KB`, `1048576` → bytes (KB/MB/GB are powers of 1024)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 512MB, 2GB or a number of bytes")
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get((match.group(2) or "b")[0], 1)
+    return int(float(match.group(1)) * scale)
 
 
 def add_advise_command(sub: argparse._SubParsersAction) -> None:

@@ -17,12 +17,14 @@ it from that checkpoint (from the start when there is none).
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,6 +43,10 @@ HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multi
                    "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta")}
 KIND_FOR_METHOD = {"supervised": ("chat", "text"), "dpo": ("preference",)}
 STOP_WAIT_S = 60  # how long a worker may take to save its checkpoint and exit
+# The hosted API's ranges; beyond them a job would run for ever or train on nonsense.
+BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (0, 10), "beta": (0, 10)}
+MAX_SEED = 2**31 - 1
+MULTIPART_SLACK = 64 * 1024  # an upload's request may exceed its file by this much (boundaries, fields)
 
 
 def api_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Exception:
@@ -52,8 +58,10 @@ def api_error(status: int, message: str, param: str | None = None, code: str | N
 class JobService:
     """The scheduler: one worker process at a time, state in `store`, fine-tuned models into `registry`."""
 
-    def __init__(self, store: Store, registry: ModelRegistry, log: Any = print, poll_s: float = 0.5) -> None:
+    def __init__(self, store: Store, registry: ModelRegistry, log: Any = print, poll_s: float = 0.5,
+                 max_upload_bytes: int = 512 * 1024 * 1024) -> None:
         self.store, self.registry, self.log, self.poll_s = store, registry, log, poll_s
+        self.max_upload_bytes = max_upload_bytes
         self.worker: subprocess.Popen | None = None
         self.current: str | None = None
         self.signalled = False
@@ -65,6 +73,8 @@ class JobService:
 
     # lifecycle
     def start(self) -> None:
+        for partial in self.store.files_dir.glob(".upload-*"):  # uploads cut off by the previous server's end
+            partial.unlink(missing_ok=True)
         for job in self.store.jobs_in(SUCCEEDED):
             self.registry.add(str(Path(job["output"]) / "run"), job["fine_tuned_model"], owner="user")
         for job in self.store.jobs_in(RUNNING):  # its worker went with the previous server
@@ -147,15 +157,20 @@ class JobService:
                               f"with `finesmith serve {job['model']}`", "model_not_found", "model")
         resume = _resumable_step(job) is not None
         output = Path(job["output"])
-        output.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "FINESMITH_HOME": str(self.store.root)}
-        with open(output / "worker.log", "ab") as log:
-            from finesmith.serve.worker import die_with_parent
+        try:
+            output.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(os.open(output / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+                from finesmith.serve.worker import die_with_parent
 
-            self.worker = subprocess.Popen(
-                [sys.executable, "-m", "finesmith.serve.worker", job["id"], self.registry.spec(job["model"]),
-                 *(["--resume"] if resume else [])], stdout=log, stderr=subprocess.STDOUT, env=env,
-                preexec_fn=die_with_parent, start_new_session=True)
+                self.worker = subprocess.Popen(
+                    [sys.executable, "-m", "finesmith.serve.worker", job["id"], self.registry.spec(job["model"]),
+                     *(["--resume"] if resume else [])], stdout=log, stderr=subprocess.STDOUT, env=env,
+                    preexec_fn=die_with_parent, start_new_session=True)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:  # the queue must move on without it
+            self.worker = None
+            return self._fail(job, f"the training process could not be started ({type(exc).__name__}: {exc})",
+                              "worker_start_failed", None)
         self.current, self.signalled = job["id"], False
         self.offsets.pop(job["id"], None)
         self.store.update_job(job["id"], worker_pid=self.worker.pid)
@@ -186,8 +201,19 @@ class JobService:
                        "training_file" if code == 2 else None)
 
     def _fail(self, job: dict[str, Any], message: str, code: str, param: str | None) -> None:
+        message = self.public(message)
         self.store.update_job(job["id"], status=FAILED, error={"code": code, "message": message, "param": param})
         self.store.add_event(job["id"], f"Fine-tuning job failed: {message}", level="error", key="failed")
+
+    def public(self, message: str) -> str:
+        """`message` as clients may see it: an uploaded file's path becomes its id, other paths of
+        this machine go (relative to the home, or their last part)."""
+        import re
+
+        from finesmith.serve.http import strip_paths
+
+        message = re.sub(re.escape(str(self.store.files_dir)) + r"/(file-[0-9a-f]+)\.jsonl", r"\1", message)
+        return strip_paths(message, self.store.root)
 
     def follow(self, job: dict[str, Any]) -> None:
         """New metric lines and checkpoints of the job's run, as events and checkpoint objects.
@@ -300,29 +326,30 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
             "integrations": [], "metadata": None, "method": {"type": kind, kind: {"hyperparameters": params}}}
 
 
-def validate_upload(content: bytes, filename: str) -> tuple[int, str]:
-    """(lines, kind) of an uploaded JSONL file, with the row checks of `finesmith data check`;
+def validate_upload(path: Path, filename: str) -> tuple[int, str]:
+    """(lines, kind) of an uploaded JSONL file on disk, with the row checks of `finesmith data check`;
     the first problem is a 400 naming `filename:line`."""
     from collections import Counter
 
     from finesmith.data.formats import FeedbackExample, PreferenceExample, TextExample, parse_records
 
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        content.decode("utf-8")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise api_error(400, f"{filename}: not UTF-8 text; upload a JSONL file", "file", "invalid_file") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "upload.jsonl"
-        path.write_bytes(content)
-        kinds: Counter = Counter()
-        lines = 0
-        for _, example, problem in parse_records(str(path)):
-            if problem:
-                raise api_error(400, problem.replace(str(path), filename), "file", "invalid_file")
-            if example is not None:
-                lines += 1
-                kinds["preference" if isinstance(example, (PreferenceExample, FeedbackExample)) else
-                      "text" if isinstance(example, TextExample) else "chat"] += 1
+    kinds: Counter = Counter()
+    lines = 0
+    for _, example, problem in parse_records(str(path)):
+        if problem:
+            raise api_error(400, problem.replace(str(path), filename), "file", "invalid_file")
+        if example is not None:
+            lines += 1
+            kinds["preference" if isinstance(example, (PreferenceExample, FeedbackExample)) else
+                  "text" if isinstance(example, TextExample) else "chat"] += 1
     if not lines:
         raise api_error(400, f"{filename}: no examples; each line must be one JSON example", "file", "invalid_file")
     if len(kinds) > 1:
@@ -331,8 +358,48 @@ def validate_upload(content: bytes, filename: str) -> tuple[int, str]:
     return lines, next(iter(kinds))
 
 
+async def receive_upload(request: Request, limit: int) -> tuple[str, Any, Any]:
+    """(purpose, file, form) of a multipart upload, the file spooled to disk as it arrives
+    (starlette keeps at most 1 MB of it in memory); more than `limit` bytes of file is a 413
+    as soon as they have arrived, whatever the request declared."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    from finesmith.serve.http import too_large
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+        raise too_large("the file", limit, "file")
+    received = 0
+
+    async def capped() -> Any:
+        nonlocal received
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + MULTIPART_SLACK:
+                raise too_large("the file", limit, "file")
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=8).parse()
+    except MultiPartException as exc:
+        raise api_error(400, f"send the file as multipart/form-data with fields `file` and `purpose` ({exc.message})",
+                        "file") from None
+    upload = form.get("file")
+    if upload is not None and not isinstance(upload, str) and (upload.size or 0) > limit:
+        await form.close()
+        raise too_large("the file", limit, "file")
+    return form.get("purpose"), upload, form
+
+
 def add_routes(app: FastAPI, service: JobService) -> None:
-    """Files and fine-tuning jobs endpoints on `app`."""
+    """Files and fine-tuning jobs endpoints on `app`.
+
+    Every database and file-system call runs off the event loop (`def` routes run in
+    FastAPI's thread pool; the async ones hand their work to a thread), so a slow disk or a
+    held database lock delays only the requests that need them, never `/health` or inference.
+    """
+    import shutil
+
     from finesmith.serve.http import json_body
 
     store, registry = service.store, service.registry
@@ -349,46 +416,51 @@ def add_routes(app: FastAPI, service: JobService) -> None:
             raise api_error(404, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
         return found
 
+    def keep_upload(upload: Any, filename: str) -> dict[str, Any]:
+        path = store.upload_path()
+        try:
+            upload.file.seek(0)
+            with open(path, "wb") as out:
+                shutil.copyfileobj(upload.file, out, 1 << 20)
+            lines, kind = validate_upload(path, filename)
+            return file_object(store.add_file(filename, PURPOSE, path, lines, kind))
+        finally:
+            path.unlink(missing_ok=True)  # moved into place when kept
+
     @app.post("/v1/files")
     async def upload(request: Request) -> dict[str, Any]:
+        purpose, upload, form = await receive_upload(request, service.max_upload_bytes)
         try:
-            form = await request.form()
-        except Exception:
-            raise api_error(400, "send the file as multipart/form-data with fields `file` and `purpose`") from None
-        purpose, upload = form.get("purpose"), form.get("file")
-        if purpose != PURPOSE:
-            raise api_error(400, f"purpose must be '{PURPOSE}' (this server stores fine-tuning data only), "
-                                 f"got {purpose!r}", "purpose")
-        if upload is None or isinstance(upload, str):
-            raise api_error(400, "the `file` field is missing", "file")
-        content = await upload.read()
-        filename = upload.filename or "upload.jsonl"
-        import asyncio
-
-        lines, kind = await asyncio.to_thread(validate_upload, content, filename)
-        return file_object(store.add_file(filename, PURPOSE, content, lines, kind))
+            if purpose != PURPOSE:
+                raise api_error(400, f"purpose must be '{PURPOSE}' (this server stores fine-tuning data only), "
+                                     f"got {purpose!r}", "purpose")
+            if upload is None or isinstance(upload, str):
+                raise api_error(400, "the `file` field is missing", "file")
+            return await asyncio.to_thread(keep_upload, upload, upload.filename or "upload.jsonl")
+        finally:
+            await form.close()
 
     @app.get("/v1/files")
-    async def list_files(purpose: str | None = None) -> dict[str, Any]:
+    def list_files(purpose: str | None = None) -> dict[str, Any]:
         return {"object": "list", "data": [file_object(f) for f in store.files(purpose)], "has_more": False}
 
     @app.get("/v1/files/{file_id}")
-    async def get_file(file_id: str) -> dict[str, Any]:
+    def get_file(file_id: str) -> dict[str, Any]:
         return file_object(find_file(file_id))
 
     @app.delete("/v1/files/{file_id}")
-    async def delete_file(file_id: str) -> dict[str, Any]:
+    def delete_file(file_id: str) -> dict[str, Any]:
         find_file(file_id)
         store.delete_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
     @app.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str) -> Response:
-        return Response(Path(find_file(file_id)["path"]).read_bytes(), media_type="application/jsonl")
+    def file_content(file_id: str) -> Response:
+        from fastapi.responses import FileResponse
 
-    @app.post("/v1/fine_tuning/jobs")
-    async def create_job(request: Request) -> dict[str, Any]:
-        body = await json_body(request)
+        return FileResponse(find_file(file_id)["path"], media_type="application/jsonl")
+
+    def create(body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise api_error(400, "the body must be a JSON object")
         job = parse_job(body, store, registry)
@@ -396,17 +468,21 @@ def add_routes(app: FastAPI, service: JobService) -> None:
         store.add_event(row["id"], f"Created fine-tuning job: {row['id']}", key="created")
         return job_object(row)
 
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(request: Request) -> dict[str, Any]:
+        return await asyncio.to_thread(create, await json_body(request))
+
     @app.get("/v1/fine_tuning/jobs")
-    async def list_jobs(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+    def list_jobs(after: str | None = None, limit: int = 20) -> dict[str, Any]:
         jobs, more = store.jobs(after, max(1, min(limit, 100)))
         return {"object": "list", "data": [job_object(j) for j in jobs], "has_more": more}
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
-    async def get_job(job_id: str) -> dict[str, Any]:
+    def get_job(job_id: str) -> dict[str, Any]:
         return job_object(find_job(job_id))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str) -> dict[str, Any]:
+    def cancel_job(job_id: str) -> dict[str, Any]:
         job = find_job(job_id)
         if job["status"] in FINAL:
             raise api_error(400, f"the job is already {job['status']}; only a job that has not finished can be cancelled",
@@ -418,7 +494,7 @@ def add_routes(app: FastAPI, service: JobService) -> None:
         return job_object(store.job(job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
-    async def job_events(job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+    def job_events(job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
         find_job(job_id)
         events, more = store.events(job_id, after, max(1, min(limit, 1000)))
         return {"object": "list", "has_more": more, "data": [
@@ -426,7 +502,7 @@ def add_routes(app: FastAPI, service: JobService) -> None:
              "message": e["message"], "type": e["type"], "data": e["data"]} for e in events]}
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> dict[str, Any]:
+    def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> dict[str, Any]:
         job = find_job(job_id)
         rows = store.checkpoints(job_id)
         if after:
@@ -465,22 +541,34 @@ def parse_job(body: dict[str, Any], store: Store, registry: ModelRegistry) -> di
         if key not in HYPERPARAMETERS[kind]:
             raise api_error(400, f"unknown hyperparameter '{key}' for a {kind} job; known: "
                                  f"{', '.join(HYPERPARAMETERS[kind])}", f"hyperparameters.{key}")
-        whole = key in ("n_epochs", "batch_size")
-        positive = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-        if value != "auto" and not (positive and (not whole or float(value).is_integer())):
-            raise api_error(400, f"hyperparameters.{key} must be 'auto' or a positive "
-                                 f"{'integer' if whole else 'number'}, got {value!r}",
-                            f"hyperparameters.{key}")
-        if whole and value != "auto":
-            params[key] = int(value)
+        if value != "auto":
+            params[key] = hyperparameter(key, value)
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not 0 < len(suffix) <= 64 or ":" in suffix):
         raise api_error(400, "suffix must be 1 to 64 characters without ':'", "suffix")
     seed = body.get("seed")
-    if seed is not None and not isinstance(seed, int):
-        raise api_error(400, "seed must be an integer", "seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+        raise api_error(400, f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}", "seed")
     job_id = new_id("ftjob")
     return {"id": job_id, "model": model, "training_file": body["training_file"],
             "validation_file": body.get("validation_file"), "suffix": suffix,
             "seed": seed if seed is not None else 42, "method": {"type": kind}, "hyperparameters": params,
             "output": str(store.jobs_dir / job_id)}
+
+
+def hyperparameter(key: str, value: Any) -> int | float:
+    """A hyperparameter's value checked against `BOUNDS` (whole numbers for epochs and batch
+    size, finite and above the low end for the others), or a 400 naming it."""
+    low, high = BOUNDS[key]
+    whole = key in ("n_epochs", "batch_size")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if whole:
+        ok = number and float(value).is_integer() and low <= value <= high
+        need = f"an integer from {low} to {high}"
+    else:
+        ok = number and low < value <= high
+        need = f"a number above {low} and at most {high}"
+    if not ok:
+        raise api_error(400, f"hyperparameters.{key} must be 'auto' or {need}, got {value!r}",
+                        f"hyperparameters.{key}")
+    return int(value) if whole else value

@@ -11,27 +11,32 @@ waiting, gives the running one a short grace and exits.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from finesmith.errors import FinesmithError
 from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine
-from finesmith.serve.http import APIError, ClientGone, RequireKey
+from finesmith.serve.http import (LOOPBACK_HOSTS, MAX_JSON_BYTES, APIError, ClientGone, RequestGuard, RequireKey,
+                                  allowed_host_list)
 from finesmith.serve.inference import add_inference_routes
 from finesmith.serve.registry import ModelRegistry
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SHUTDOWN_TIMEOUT_S = 5  # after this, uvicorn cancels the handlers still running at shutdown
+DEFAULT_MAX_UPLOAD = 512 * 1024 * 1024  # the hosted API's limit for one file
 
 
 def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jobs: Any = None,
-              runs: list[str] | None = None) -> FastAPI:
+              runs: list[str] | None = None, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+              max_json_bytes: int = MAX_JSON_BYTES) -> FastAPI:
     """The FastAPI application serving `models`.
 
     Args:
@@ -39,11 +44,15 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
         api_key: when set, every `/v1` request needs `Authorization: Bearer <api_key>`.
         jobs: a `finesmith.serve.jobs.JobService`: adds the files and fine-tuning jobs API and the dashboard.
         runs: folders whose runs (and compare reports) the dashboard shows besides the jobs'.
+        allowed_hosts: `Host` values answered (`name` any port, `name:port` one; None: any), see
+            `finesmith.serve.http.allowed_host_list`; by default the loopback names.
+        max_json_bytes: the largest JSON request body; beyond it 413.
 
     Returns:
         A FastAPI app for uvicorn.
     """
     app = FastAPI(title="finesmith", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.max_json_bytes = max_json_bytes
     registry = models if isinstance(models, ModelRegistry) else ModelRegistry()
     if isinstance(models, ChatEngine):
         registry.add_engine(models)
@@ -61,8 +70,24 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("query", "path", "body", "header")]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        return APIError(400, f"{param}: {message}" if param else message, param=param).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, or the machine (disk, memory): this request fails alone, without a traceback or
+        # this machine's paths in the answer; uvicorn logs the traceback on the server's side.
+        return APIError(500, f"the server failed on this request ({type(exc).__name__}); see the server's log",
+                        kind="server_error", code="internal_error").response()
+
     if api_key:
         app.add_middleware(RequireKey, api_key=api_key)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)  # outermost: before the key is looked at
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -82,7 +107,8 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
 
 def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto",
-          jobs: bool = True, runs: list[str] | None = None) -> None:
+          jobs: bool = True, runs: list[str] | None = None, allowed_hosts: list[str] | None = None,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:
     """Serve models, and the fine-tuning jobs API, until SIGTERM or Ctrl-C (`finesmith serve`).
 
     Args:
@@ -96,6 +122,9 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
         precision: model dtype (`auto`: bf16 on CUDA, fp32 on CPU).
         jobs: serve the files and fine-tuning jobs API and the dashboard (state in `$FINESMITH_HOME`).
         runs: folders of local runs for the dashboard (default: `./runs` when it exists).
+        allowed_hosts: more `Host` names to answer besides the bound address and loopback
+            (`--allowed-host`); see `finesmith.serve.http.allowed_host_list`.
+        max_upload_bytes: the largest file `/v1/files` takes (413 beyond).
     """
     specs = [specs] if isinstance(specs, str) else list(specs)
     if host not in LOOPBACK and not api_key:
@@ -104,6 +133,12 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
     from finesmith.core.device import inference_dtype
 
     inference_dtype(precision, "cuda" if torch.cuda.is_available() else "cpu")  # a bad value fails before loading
+    home_lock = None
+    if jobs:  # before loading anything: a second server on this home must not train its jobs again
+        from finesmith.serve.store import home, lock_home
+
+        os.umask(0o077)  # the home, its database, uploads and runs (and the workers') are this user's only
+        home_lock = lock_home(home())
     registry = ModelRegistry(queue_size, precision)
     names = [registry.add(spec) for spec in specs]
     registry.engine(names[0])  # a model that cannot load fails now, not on the first request
@@ -112,7 +147,7 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
         from finesmith.serve.jobs import JobService
         from finesmith.serve.store import Store
 
-        service = JobService(Store(), registry, log=log)
+        service = JobService(Store(), registry, log=log, max_upload_bytes=max_upload_bytes)
         service.start()
     log(f"serving {', '.join(repr(n) for n in registry.names())} at http://{host}:{port}/v1 (OpenAI-compatible, "
         f"up to {queue_size} waiting per model)" + ("; requests need the API key" if api_key else ""))
@@ -120,7 +155,8 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
         log(f"fine-tuning jobs API on; state in {service.store.root}; dashboard at http://{host}:{port}/")
     if runs is None:
         runs = ["runs"] if os.path.isdir("runs") else []
-    config = uvicorn.Config(build_app(registry, api_key, service, runs), host=host, port=port, log_level="warning",
+    app = build_app(registry, api_key, service, runs, allowed_host_list(host, port, allowed_hosts, api_key))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
     try:
         DrainingServer(config, registry).run()
@@ -129,6 +165,8 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
             service.stop()
         registry.close()
         registry.join(timeout=SHUTDOWN_TIMEOUT_S)
+        if home_lock is not None:
+            home_lock.close()
 
 
 class DrainingServer(uvicorn.Server):

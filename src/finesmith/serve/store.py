@@ -3,12 +3,17 @@
 Everything lives in finesmith's home folder (`$FINESMITH_HOME`, else `~/.finesmith`):
 `service.db`, the uploaded files under `files/` and each job's run folder under `jobs/`.
 SQLite in WAL mode lets the HTTP process and a job's worker process read and write the
-same database; every write is one short transaction, so a process killed at any moment
-leaves the database as it was before or after that write, never half-way.
+same database; every write is one short transaction (`BEGIN IMMEDIATE`), so a process
+killed at any moment leaves the database as it was before or after that write, never
+half-way. Reads take plain (deferred) transactions: under WAL they never wait for a writer.
+
+The home is private: folders 0700, files 0600 (also fixed on start for a home made before).
+One server at a time serves a home's jobs (`lock_home`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -17,8 +22,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from finesmith.errors import FinesmithError
+
+LOCK_FILE = "server.lock"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -60,22 +68,36 @@ class Store:
         self.root = Path(root or home())
         self.files_dir, self.jobs_dir = self.root / "files", self.root / "jobs"
         for folder in (self.root, self.files_dir, self.jobs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = self.root / "service.db"
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         db = sqlite3.connect(self.path, timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
         finally:
             db.close()
+        self.make_private()
+
+    def make_private(self) -> None:
+        """Folders 0700, files 0600: the home holds training data and the state of every job."""
+        for folder in (self.root, self.files_dir, self.jobs_dir, *self.jobs_dir.iterdir()):
+            if folder.is_dir() and not folder.is_symlink():
+                folder.chmod(0o700)
+        for path in (*self.root.glob("service.db*"), *self.files_dir.iterdir()):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o600)
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction: `BEGIN IMMEDIATE` for writes (they queue for the write lock),
+        plain `BEGIN` for reads (under WAL they read a snapshot and never wait)."""
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
             db.execute("PRAGMA busy_timeout=30000")
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield db
             db.execute("COMMIT")
         except BaseException:
@@ -86,15 +108,21 @@ class Store:
             db.close()
 
     # files
-    def add_file(self, filename: str, purpose: str, content: bytes, lines: int, kind: str) -> dict[str, Any]:
+    def upload_path(self) -> Path:
+        """A new private file in `files/` for an upload being received (then `add_file` it, or delete it)."""
+        path = self.files_dir / f".upload-{secrets.token_hex(8)}.jsonl"
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return path
+
+    def add_file(self, filename: str, purpose: str, source: Path, lines: int, kind: str) -> dict[str, Any]:
+        """Keep the file at `source` (moved into `files/`, so on the same file system) as a new file."""
         file_id = new_id("file")
         path = self.files_dir / f"{file_id}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-        row = {"id": file_id, "filename": filename, "purpose": purpose, "bytes": len(content),
+        os.replace(source, path)
+        path.chmod(0o600)
+        row = {"id": file_id, "filename": filename, "purpose": purpose, "bytes": path.stat().st_size,
                "created_at": int(time.time()), "path": str(path), "lines": lines, "kind": kind}
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute("INSERT INTO files VALUES (:id, :filename, :purpose, :bytes, :created_at, :path, :lines, :kind)",
                        row)
         return row
@@ -114,14 +142,14 @@ class Store:
         found = self.file(file_id)
         if not found:
             return False
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         Path(found["path"]).unlink(missing_ok=True)  # a file this service wrote
         return True
 
     # jobs
     def add_job(self, job: dict[str, Any]) -> dict[str, Any]:
-        with self._db() as db:
+        with self._db(write=True) as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             row = {**job, "seq": seq, "status": VALIDATING, "created_at": int(time.time()),
                    "method": json.dumps(job["method"]), "hyperparameters": json.dumps(job.get("hyperparameters", {}))}
@@ -157,19 +185,19 @@ class Store:
             fields["error"] = json.dumps(fields["error"])
         if fields.get("status") in FINAL:
             fields.setdefault("finished_at", int(time.time()))
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = :{k}' for k in fields)} WHERE id = :job_id",
                        {**fields, "job_id": job_id})
 
     def request_cancel(self, job_id: str) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
 
     # events and checkpoints
     def add_event(self, job_id: str, message: str, level: str = "info", kind: str = "message",
                   data: dict[str, Any] | None = None, key: str | None = None) -> None:
         """Record an event; one with a `key` already recorded for this job is not added again."""
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute("INSERT OR IGNORE INTO events (id, job_id, created_at, level, message, type, data, key) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (new_id("ftevent"), job_id, int(time.time()), level, message, kind,
@@ -185,7 +213,7 @@ class Store:
         return out, len(rows) > limit
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                        (new_id("ftckpt"), job_id, step, int(time.time()), json.dumps(metrics)))
 
@@ -193,6 +221,34 @@ class Store:
         with self._db() as db:
             rows = db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,)).fetchall()
         return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+
+
+def lock_home(root: Path) -> IO[str]:
+    """Hold `root/server.lock` for this process's life (close the returned file to let go).
+
+    Two servers on one home would each launch the same queued job. The lock is an flock on
+    an open file: the kernel drops it when the process ends, however it ends.
+
+    Raises:
+        FinesmithError: another process holds it (its pid, when it wrote one, is named).
+    """
+    root = Path(root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle = open(os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600), "r+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = handle.read().strip()
+        handle.close()
+        who = f"another finesmith server (pid {pid})" if pid.isdigit() else "another finesmith server"
+        raise FinesmithError(f"{who} already serves the fine-tuning jobs of {root}; two would train the same jobs "
+                             "twice: stop it, or set FINESMITH_HOME to another folder, or serve the models only "
+                             "with --no-jobs") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:

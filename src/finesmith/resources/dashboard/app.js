@@ -53,6 +53,7 @@ async function refreshRuns() {
     row.className = "selectable" + (selected && selected.id === run.id ? " selected" : "");
     row.dataset.run = run.id;
     cell(row, run.job ? run.name + " (job)" : run.name); cell(row, run.state, "state-" + run.state);
+    if (run.error) row.title = run.error; // a damaged run: why it cannot be read
     cell(row, run.method); cell(row, run.objective);
     cell(row, run.steps !== null && run.steps !== undefined ? run.steps + "/" + run.total_steps : "/" + run.total_steps);
     cell(row, fmt(run.final_loss)); cell(row, fmt(run.eval_loss));
