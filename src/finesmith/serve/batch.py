@@ -6,6 +6,13 @@ live row its last token through one forward pass over the shared KV cache. A row
 finishes (end of turn, stop string, token budget, its reader left) leaves the batch, and its
 rows of the cache are dropped. Every row samples with its own generator, seeded from its
 request's `seed`, so an answer does not depend on which other requests shared its batch.
+
+A row may carry a grammar (`finesmith.serve.constrain`): its tokens are masked to those the
+grammar allows before picking, and the row stops once the grammar is complete; rows without
+one are untouched. A row that asks for log-probabilities gets, per generated token, the
+log-softmax of the model's raw logits (temperature 1, before any mask) and the `top` most
+likely tokens. A row whose own work fails (its grammar, its sampler) ends with reason
+`error` and its exception; the other rows go on.
 """
 
 from __future__ import annotations
@@ -35,6 +42,49 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     shown: int = 0  # characters of the decoded tokens already handed to `emit`
     reason: str | None = None
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives
+    grammar: Any = None  # a `finesmith.serve.constrain.Matcher`: allowed tokens, and when it is complete
+    records: list[TokenLogprob] = field(default_factory=list)  # per generated token, when `logprobs` is set
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (None for a prompt's first token) and the
+    most likely tokens at its position as (id, log-probability), best first."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-softmax under raw `logits` (one position), with the `top` best alternatives."""
+    scores = torch.log_softmax(logits.float(), dim=-1)
+    best = ()
+    if top > 0:
+        values, ids = torch.topk(scores, min(top, scores.shape[-1]))
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(scores[token]), best)
+
+
+def prompt_logprobs(model: Any, prompt: list[int], top: int) -> list[TokenLogprob]:
+    """Every prompt token's log-probability given the tokens before it, from one full forward
+    pass of the prompt alone (the first token has none)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt], device=device), use_cache=False).logits[0]
+        scores = torch.log_softmax(logits[:-1].float(), dim=-1)
+        chosen = scores.gather(1, torch.tensor(prompt[1:], device=device).unsqueeze(1)).squeeze(1).tolist()
+        best = torch.topk(scores, min(top, scores.shape[-1])) if top > 0 else None
+    out = [TokenLogprob(prompt[0], None)]
+    for i, token in enumerate(prompt[1:]):
+        alternatives = tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ()
+        out.append(TokenLogprob(token, chosen[i], alternatives))
+    return out
+
+
+SEED_RANGE = 2**64  # torch seeds are 64-bit; a request's int64 seed (negative too) maps into it
 
 
 def row_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -42,8 +92,21 @@ def row_generator(seed: int | None, device: torch.device) -> torch.Generator:
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(seed % SEED_RANGE)
     return generator
+
+
+def choose(logits: torch.Tensor, row: Row) -> int:
+    """The row's next token: masked by its grammar, if any; its log-probability recorded, if asked."""
+    raw = logits
+    if row.grammar is not None:
+        logits = logits.masked_fill(~row.grammar.allowed(logits.shape[-1]).to(logits.device), float("-inf"))
+    token = pick(logits, row)
+    if row.logprobs is not None:
+        row.records.append(token_logprob(raw, token, row.logprobs))
+    if row.grammar is not None:
+        row.grammar.take(token)
+    return token
 
 
 def pick(logits: torch.Tensor, row: Row) -> int:
@@ -92,8 +155,10 @@ def decode_batch(model: Any, tokenizer: Any, rows: list[Row], stop_ids: set[int]
                 elif row.cancelled():
                     row.reason = "cancelled"
                 else:
-                    token = pick(logits[slot], row)
-                    row.reason = step(tokenizer, row, token, stop_ids)
+                    try:
+                        row.reason = step(tokenizer, row, choose(logits[slot], row), stop_ids)
+                    except Exception as exc:  # this row's own failure (its grammar, its sampler) ends it alone
+                        row.reason, row.error = "error", exc
                 if row.reason is None:
                     keep.append(slot)
                     last.append(row.tokens[-1])
@@ -123,6 +188,9 @@ def step(tokenizer: Any, row: Row, token: int, stop_ids: set[int]) -> str | None
         piece, row.shown = text[row.shown:], len(text)
         if not row.emit(piece):
             return "stop"
+    if row.grammar is not None and row.grammar.complete():  # nothing more may follow: done
+        flush(tokenizer, row)
+        return "stop"
     if len(row.tokens) >= row.budget:
         flush(tokenizer, row)
         return "length"

@@ -40,13 +40,22 @@ SHUTDOWN_GRACE_S = 2.0  # how long `close()` lets the running request go on befo
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick tokens: `temperature` 0 means greedy; `stop` strings end the text early."""
+    """How to pick tokens: `temperature` 0 means greedy; `stop` strings end the text early.
+
+    `logprobs` (a count of alternatives, 0 for none) records each generated token's
+    log-probability; `echo` records the prompt's too; `grammar` (compiled by
+    `finesmith.serve.constrain`) limits the tokens to what it allows. `max_tokens` 0 generates
+    nothing (with `echo`, the prompt's log-probabilities are the answer).
+    """
 
     max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    grammar: str | None = None
 
 
 class EngineBusy(FinesmithError):
@@ -122,6 +131,9 @@ class Generation:
         self.engine, self.prompt, self.sampling = engine, prompt, sampling
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.tokens: list[int] = []  # the generated token ids, once finished
+        self.records: list[Any] = []  # per generated token, when `sampling.logprobs` is set (filled as it decodes)
+        self.prompt_records: list[Any] = []  # per prompt token, when `sampling.echo` is set
         self.batch_size = 0  # requests generated together with this one (itself included)
         self.cancelled = threading.Event()
         self.done = threading.Event()
@@ -246,13 +258,41 @@ class ChatEngine:
         self._closing = False
         self._deadline: float | None = None
         self._seconds_per_request = 1.0  # running average, for Retry-After
+        self._grammar_tokenizer: Any = None
+        self._tool_tokenizer: Any = None
+        self._lazy = threading.Lock()
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids for a conversation, rendered with the model's template plus the assistant header."""
+    def chat_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt ids for a conversation, rendered with the model's template plus the assistant header
+        (with `tools`: by the template when it renders tools, else in the Hermes text format)."""
         try:
-            return prompt_ids(self.tokenizer, messages)
+            return prompt_ids(self.tool_tokenizer() if tools else self.tokenizer, messages, tools or None)
         except Exception as exc:  # jinja template errors, e.g. a template that forbids some role order
             raise FinesmithError(f"the chat template rejected these messages: {exc}") from None
+
+    def tool_tokenizer(self) -> Any:
+        """The tokenizer that renders tools: the model's own when its template renders them (a
+        run trained with `tool_format: hermes` saved its template so), else a copy with the
+        Hermes text rendering installed, as `finesmith eval` renders tools for such a model."""
+        with self._lazy:
+            if self._tool_tokenizer is None:
+                import copy
+
+                from finesmith.data.tool_templates import install_tool_format
+
+                tokenizer = copy.copy(self.tokenizer)
+                self._tool_tokenizer = tokenizer if install_tool_format(tokenizer, "hermes") else self.tokenizer
+            return self._tool_tokenizer
+
+    def grammar_tokenizer(self) -> Any:
+        """The constrained-decoding view of the tokenizer (built on first use)."""
+        with self._lazy:
+            if self._grammar_tokenizer is None:
+                from finesmith.serve.constrain import GrammarTokenizer
+
+                size = int(getattr(self.model.config, "vocab_size", 0) or 0)
+                self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, size, self.stop_ids)
+            return self._grammar_tokenizer
 
     def text_ids(self, text: str) -> list[int]:
         """Prompt ids for raw text, with BOS where the tokenizer adds one."""
@@ -263,10 +303,10 @@ class ChatEngine:
     def token_budget(self, prompt: list[int], max_tokens: int | None) -> int:
         """New tokens allowed: the request's `max_tokens`, capped by what the context has left."""
         room = (self.context_length - len(prompt)) if self.context_length else None
-        if room is not None and room < 1:
+        if room is not None and (room < 1 if max_tokens != 0 else room < 0):
             raise FinesmithError(f"the prompt has {len(prompt)} tokens and fills the model's context of "
                                  f"{self.context_length}; shorten it")
-        wanted = max_tokens or 512
+        wanted = 512 if max_tokens is None else max_tokens
         return min(wanted, room) if room is not None else wanted
 
     def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
@@ -339,9 +379,11 @@ class ChatEngine:
             try:
                 reasons = self._run(live) if live else {}
                 for g in live:
-                    reason = reasons[id(g)]
+                    reason, error = reasons[id(g)]
                     if reason == "interrupted":  # stopped by close(), not by its reader
                         results[id(g)] = ("cancelled", "cancelled", EngineClosed("the server is shutting down"))
+                    elif reason == "error":  # this request alone failed
+                        results[id(g)] = ("error", "failed", error)
                     else:
                         results[id(g)] = (reason, "completed" if reason in ("stop", "length") else "cancelled", None)
             except Exception as exc:  # one bad batch must not stop the worker
@@ -357,31 +399,48 @@ class ChatEngine:
                 reason, _, error = results[id(g)]
                 g._finish(reason, error)
 
-    def _run(self, generations: list[Generation]) -> dict[int, str]:
-        """Generate for a batch of requests, pushing each one's text as it decodes; their finish reasons."""
-        from finesmith.serve.batch import Row, decode_batch, row_generator
+    def _run(self, generations: list[Generation]) -> dict[int, tuple[str, BaseException | None]]:
+        """Generate for a batch of requests, pushing each one's text as it decodes; their finish
+        reasons (`error` with its exception for a request whose own set-up or decoding failed)."""
+        from finesmith.serve.batch import Row, decode_batch, prompt_logprobs, row_generator
 
-        rows, scanners = [], []
+        rows, scanners, outcome = [], {}, {}
         for g in generations:
-            scanner = StopScanner(g.sampling.stop)
-            scanners.append(scanner)
+            try:
+                scanner = StopScanner(g.sampling.stop)
 
-            def emit(piece: str, g: Generation = g, scanner: StopScanner = scanner) -> bool:
-                if not scanner.stopped and (shown := scanner.feed(piece)):
-                    g._push(shown)
-                return not scanner.stopped
+                def emit(piece: str, g: Generation = g, scanner: StopScanner = scanner) -> bool:
+                    if not scanner.stopped and (shown := scanner.feed(piece)):
+                        g._push(shown)
+                    return not scanner.stopped
 
-            rows.append(Row(g.prompt, self.token_budget(g.prompt, g.sampling.max_tokens), g.sampling.temperature,
-                            g.sampling.top_p, row_generator(g.sampling.seed, self.device), emit, g.cancelled.is_set))
+                if g.sampling.echo:
+                    g.prompt_records = prompt_logprobs(self.model, g.prompt, g.sampling.logprobs or 0)
+                grammar = (self.grammar_tokenizer().matcher(g.sampling.grammar)
+                           if g.sampling.grammar is not None else None)
+                row = Row(g.prompt, self.token_budget(g.prompt, g.sampling.max_tokens), g.sampling.temperature,
+                          g.sampling.top_p, row_generator(g.sampling.seed, self.device), emit, g.cancelled.is_set,
+                          logprobs=g.sampling.logprobs, grammar=grammar)
+                row.records = g.records  # shared: a streaming reader sees each token's entry as it comes
+            except Exception as exc:  # one request's bad set-up fails that request only
+                outcome[id(g)] = ("error", exc)
+                continue
+            scanners[id(g)] = scanner
+            if row.budget > 0:
+                rows.append((g, row))
+            else:
+                outcome[id(g)] = ("length", None)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
-        decode_batch(self.model, self.tokenizer, rows, set(self.stop_ids), pad, lambda: self._deadline)
-        reasons = {}
-        for g, row, scanner in zip(generations, rows, scanners):
-            g.completion_tokens = len(row.tokens)
+        if rows:
+            decode_batch(self.model, self.tokenizer, [row for _, row in rows], set(self.stop_ids), pad,
+                         lambda: self._deadline)
+        for g, row in rows:
+            scanner = scanners[id(g)]
+            g.completion_tokens, g.tokens = len(row.tokens), list(row.tokens)
             if row.reason in ("stop", "length") and not scanner.stopped and (tail := scanner.flush()):
                 g._push(tail)
-            reasons[id(g)] = "stop" if scanner.stopped else row.reason
-        return reasons
+            outcome[id(g)] = ("stop" if scanner.stopped and row.reason != "error" else row.reason, row.error)
+        return outcome
 
 
 def load_engine(spec: str, device: str | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,
