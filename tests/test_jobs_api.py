@@ -154,7 +154,7 @@ def test_supervised_and_dpo_jobs_through_the_openai_client(server, tmp_path):
 
     # cancel a running job: it stops with a checkpoint, and cancelling again is refused
     long = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=uploaded.id, method={
-        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200, "batch_size": 4}}})
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 2}}})
     deadline = time.monotonic() + TIMEOUT
     while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(long.id, limit=5).data):
         assert time.monotonic() < deadline

@@ -239,16 +239,21 @@ def test_validate_upload_reads_from_disk(tmp_path):
 
 # ---- 6: reward code under a timeout, SIGTERM still checkpoints ---------------------------------------
 
+def no_eval(args: list[str]) -> list[str]:
+    """`finesmith train` arguments without the held-out set (the first reward call is then in step 1)."""
+    at = args.index("--eval-data")
+    return args[:at] + args[at + 2:]
+
+
 def test_a_hanging_reward_fails_the_run_in_one_line_after_its_timeout(tiny_model, tmp_path, capsys):
     from test_grpo import grpo_args
 
     from finesmith.cli import main
 
-    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA[:4]])
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA])
     module = tmp_path / "slow.py"
     module.write_text("import time\ndef slow(completion, **kw):\n    time.sleep(60)\n    return 1.0\n")
-    args = [a for a in grpo_args(tiny_model, data, tmp_path / "run", f"{module}:slow") if a != "--eval-data"
-            and a != data] + ["--data", data, "grpo.reward_timeout=1"]
+    args = no_eval(grpo_args(tiny_model, data, tmp_path / "run", f"{module}:slow")) + ["grpo.reward_timeout=1"]
     started = time.monotonic()
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -264,14 +269,13 @@ def test_sigterm_during_a_hanging_reward_checkpoints_and_exits_75(tiny_model, tm
     from finesmith.cli import main
     from finesmith.train.checkpoint import list_checkpoints
 
-    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA[:4]])
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA])
     marker = tmp_path / "hanging"
     module = tmp_path / "hang.py"
     module.write_text(f"import os, time\nMARK = {str(marker)!r}\ndef hang(completion, **kw):\n"
                       "    if not os.path.exists(MARK):\n        open(MARK, 'w').close()\n        time.sleep(25)\n"
                       "    return 1.0\n")
-    args = [a for a in grpo_args(tiny_model, data, tmp_path / "run", f"{module}:hang") if a != "--eval-data"
-            and a != data] + ["--data", data]
+    args = no_eval(grpo_args(tiny_model, data, tmp_path / "run", f"{module}:hang"))
     signalled: list[float] = []
 
     def stop_when_hanging() -> None:

@@ -92,6 +92,7 @@ class GRPOSettings:
     beta: float = 0.0  # weight of the KL term to the reference (the base with the adapter disabled)
     iterations: int = 1  # optimizer steps per batch of samples (above 1, clipping acts)
     scale_rewards: bool = True  # divide advantages by the group's reward std
+    reward_timeout: float = 60.0  # seconds one reward call may take (rewards run in their own process)
 
 
 @dataclass
@@ -198,7 +199,8 @@ class TrainConfig:
                                   ("max_new_tokens", g.max_new_tokens >= 1, "at least 1"),
                                   ("temperature", g.temperature > 0, "above 0 (sampling must vary the answers)"),
                                   ("top_p", 0 < g.top_p <= 1, "in (0, 1]"), ("epsilon", 0 < g.epsilon < 1, "in (0, 1)"),
-                                  ("beta", g.beta >= 0, "at least 0"), ("iterations", g.iterations >= 1, "at least 1")):
+                                  ("beta", g.beta >= 0, "at least 0"), ("iterations", g.iterations >= 1, "at least 1"),
+                                  ("reward_timeout", g.reward_timeout > 0, "above 0 (seconds)")):
                 if not ok:
                     raise FinesmithError(f"config: `grpo.{key}` must be {need}, got {getattr(g, key)}")
             if self.packing:

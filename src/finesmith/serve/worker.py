@@ -11,6 +11,7 @@ shutdown), 2 a problem with the job's input, 1 anything else.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 from pathlib import Path
@@ -79,6 +80,7 @@ def die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # the job's run folder, checkpoints and logs are private, like the rest of the home
     job_id, spec, resume = (argv or sys.argv[1:])[0], (argv or sys.argv[1:])[1], "--resume" in (argv or sys.argv)
     store = Store()
     job = store.job(job_id)

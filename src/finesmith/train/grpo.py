@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from finesmith.config import GRPOSettings
 from finesmith.errors import FinesmithError
-from finesmith.train.rewards import Reward
+from finesmith.train.rewards import Reward, RewardScorer
 
 NORM_EPSILON = 1e-4
 
@@ -144,6 +144,7 @@ class GRPO:
             raise FinesmithError("grpo.beta > 0 needs a reference model: use an adapter method (lora, ia3, qlora), "
                                  "whose reference is the base with the adapter disabled, or set grpo.beta: 0")
         self.model, self.tokenizer, self.settings, self.rewards = model, tokenizer, settings, rewards
+        self.scorer = RewardScorer(rewards, settings.reward_timeout)  # user code: its own process, a timeout
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self._reuse: dict[tuple[str, ...], tuple[int, dict[str, Any]]] = {}
@@ -172,11 +173,12 @@ class GRPO:
         seeds = torch.randint(0, 2**62, (len(prompts) * g,)).tolist()  # from the checkpointed global generator
         completions = self._generate(prompts, g, s.temperature, s.top_p, seeds)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-        scores = torch.zeros((len(prompts), g, len(self.rewards)))
-        for i, prompt in enumerate(prompts):
-            for j in range(g):
-                for k, reward in enumerate(self.rewards):
-                    scores[i, j, k] = reward(prompt.prompt, texts[i * g + j], prompt.fields, prompt.source)
+        values = self.scorer.score([(p.prompt, texts[i * g + j], p.fields, p.source)
+                                    for i, p in enumerate(prompts) for j in range(g)])
+        if values is None:  # a stop signal came while rewards ran: this step is skipped (non-finite), then the stop
+            scores = torch.full((len(prompts), g, len(self.rewards)), math.nan)
+        else:
+            scores = torch.tensor(values, dtype=torch.float32).view(len(prompts), g, len(self.rewards))
         weights = torch.tensor([r.weight for r in self.rewards])
         total = (scores * weights).sum(-1)  # [P, G]
         advantages = group_advantages(total, s.scale_rewards)
@@ -252,7 +254,9 @@ class GRPO:
     def _score_greedy(self, prompts: Sequence[PromptExample]) -> dict[str, Any]:
         completions = self._generate(prompts, 1, 0.0, 1.0, None)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-        scores = [[reward(p.prompt, t, p.fields, p.source) for reward in self.rewards] for p, t in zip(prompts, texts)]
+        scores = self.scorer.score([(p.prompt, t, p.fields, p.source) for p, t in zip(prompts, texts)])
+        if scores is None:  # stopping: no held-out reward this time
+            scores = [[math.nan] * len(self.rewards) for _ in prompts]
         return {"units": [{"scores": scores, "weights": [r.weight for r in self.rewards],
                            "names": [r.name for r in self.rewards]}], "count": len(prompts)}
 

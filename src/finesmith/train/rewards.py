@@ -11,6 +11,14 @@ every other column of the row. It returns a number. Built-ins:
 
 A function that raises, or returns something that is not a finite number, stops the run with
 one line naming the function and the example.
+
+Reward functions are user code. Those named in the config (files and built-ins alike) run in
+a separate process (`RewardScorer`, `python -m finesmith.train.rewards`), not in the training
+process: each call must return within `grpo.reward_timeout` seconds, or the run stops with one
+line naming the function, the example and the timeout. A reward that hangs therefore cannot
+hang training, and cannot keep SIGTERM from being handled: a stop that arrives while rewards
+run gives them a second, then ends the reward process; the step being sampled is skipped
+(logged as skipped, weights untouched) and the loop saves its checkpoint and exits 75.
 """
 
 from __future__ import annotations
@@ -19,9 +27,17 @@ import functools
 import importlib.util
 import inspect
 import math
+import os
 import re
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +51,8 @@ class Reward:
     name: str
     function: Callable[..., Any]
     weight: float = 1.0
+    isolated: bool = False  # named by a spec (`load_rewards`): called in the reward process, under the timeout
+    base: str | None = None  # the folder a relative spec path is resolved against
 
     def __call__(self, prompt: str, completion: str, fields: dict[str, Any], source: str) -> float:
         arguments = {"prompt": prompt, "completion": completion, **fields}
@@ -89,7 +107,8 @@ def load_rewards(specs: list[str], weights: list[float] | None = None, base: Pat
     if weights and len(weights) != len(specs):
         raise FinesmithError(f"config: `reward_weights` has {len(weights)} values for {len(specs)} rewards; "
                              "give one weight per reward")
-    return [Reward(spec, resolve(spec, base), weights[i] if weights else 1.0) for i, spec in enumerate(specs)]
+    return [Reward(spec, resolve(spec, base), weights[i] if weights else 1.0, isolated=True,
+                   base=str(base) if base is not None else None) for i, spec in enumerate(specs)]
 
 
 def resolve(spec: str, base: Path | None = None) -> Callable[..., Any]:
@@ -128,3 +147,191 @@ def resolve(spec: str, base: Path | None = None) -> Callable[..., Any]:
         raise FinesmithError(f"reward {spec}: the function must take `completion` (and may take prompt, "
                              "reference and the example's other fields, or **kwargs)")
     return function
+
+
+# ---- the reward process -----------------------------------------------------------------------
+
+STOP_GRACE_S = 1.0  # after a stop signal, how long rewards still running may take before they are abandoned
+POLL_S = 0.05  # how often a wait for a reward looks at whether a stop signal came
+
+
+class RewardScorer:
+    """Scores completions with `rewards`: the isolated ones in a reward process, each call under
+    `timeout` seconds; the others (functions handed over directly, as tests do) in this process.
+
+    The process starts on the first call and lives as long as the scorer (or this process:
+    Linux kills it when its parent dies).
+    """
+
+    def __init__(self, rewards: Sequence[Reward], timeout: float) -> None:
+        self.rewards, self.timeout = list(rewards), timeout
+        self.process: subprocess.Popen | None = None
+        self.send: Connection | None = None
+        self.receive: Connection | None = None
+        self._finalizer: Any = None
+
+    def score(self, calls: Sequence[tuple[str, str, dict[str, Any], str]]) -> list[list[float]] | None:
+        """`[len(calls)][len(rewards)]` scores of `(prompt, completion, fields, source)` calls,
+        or None when a stop signal (SIGTERM, SIGINT) came while rewards were still running.
+
+        Raises:
+            FinesmithError: a reward failed, returned a non-number or took longer than the timeout.
+        """
+        out = [[0.0] * len(self.rewards) for _ in calls]
+        remote = [k for k, r in enumerate(self.rewards) if r.isolated]
+        for k, reward in enumerate(self.rewards):
+            if not reward.isolated:
+                for i, (prompt, completion, fields, source) in enumerate(calls):
+                    out[i][k] = reward(prompt, completion, fields, source)
+        if not remote or not calls:
+            return out
+        jobs = [(i, k) for i in range(len(calls)) for k in remote]
+        with _StopWatch() as stop:
+            if not self._start(stop):
+                return None
+            self.send.send(("score", [(k, *calls[i]) for i, k in jobs]))
+            for i, k in jobs:
+                kind, value = self._next(stop, f"reward {self.rewards[k].name}", calls[i][3])
+                if kind == "stopped":
+                    return None
+                if kind == "error":
+                    self.close()
+                    raise FinesmithError(value)
+                out[i][k] = value
+        return out
+
+    def _start(self, stop: "_StopWatch") -> bool:
+        """Start the reward process if it is not running; False: a stop signal came meanwhile."""
+        if self.process is not None and self.process.poll() is None:
+            return True
+        parent_read, child_write = os.pipe()
+        child_read, parent_write = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "finesmith.train.rewards", str(child_read), str(child_write)],
+                pass_fds=(child_read, child_write), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        finally:
+            os.close(child_read)
+            os.close(child_write)
+        self.send, self.receive = Connection(parent_write, readable=False), Connection(parent_read, writable=False)
+        self._finalizer = weakref.finalize(self, _end, self.process, self.send, self.receive)
+        self.send.send(("load", [(r.name, r.base) if r.isolated else None for r in self.rewards]))
+        # importing the user's modules gets the per-call timeout too, and at least 60 s
+        kind, value = self._next(stop, "loading the reward functions", "start", max(60.0, self.timeout))
+        if kind == "error":
+            self.close()
+            raise FinesmithError(value)
+        return kind != "stopped"
+
+    def _next(self, stop: "_StopWatch", what: str, source: str, timeout: float | None = None) -> tuple[str, Any]:
+        """The reward process's next answer: ("ok", value), ("error", message) or ("stopped", None)."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            if stop.seen is not None and time.monotonic() > stop.seen + STOP_GRACE_S:
+                self.close()  # a reward still running when the run must stop: abandon it
+                return "stopped", None
+            try:
+                ready = self.receive.poll(POLL_S)
+            except (EOFError, OSError):
+                ready = True
+            if ready:
+                try:
+                    return self.receive.recv()
+                except (EOFError, OSError):
+                    code = self.process.wait()
+                    self.close()
+                    return "error", (f"{what} on {source}: the reward process ended (exit code {code}); a reward "
+                                     "function must return a number, not exit")
+            if time.monotonic() > deadline:
+                self.close()
+                return "error", (f"{what} did not return within {timeout:g} s on {source}; reward functions run in "
+                                 f"their own process and each call must finish within `grpo.reward_timeout` "
+                                 f"({timeout:g} s): make it faster or raise the timeout")
+
+    def close(self) -> None:
+        """End the reward process (a later call starts a new one)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self.process = self.send = self.receive = self._finalizer = None
+
+
+def _end(process: subprocess.Popen, *connections: Connection) -> None:
+    for connection in connections:
+        connection.close()
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so a reward process
+    never outlives the run; ignore Ctrl-C, which the training process handles for both."""
+    import ctypes
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class _StopWatch:
+    """While rewards run: note when SIGTERM/SIGINT arrives, and still hand it to the handler
+    that was there (the training loop's, which asks for a checkpoint and a stop)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.seen: float | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopWatch":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if callable(previous):  # SIG_DFL / SIG_IGN: nothing to chain, the signal acts as it would
+                    self.previous[sig] = previous
+                    signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.seen is None:
+            self.seen = time.monotonic()
+        self.previous[signum](signum, frame)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_rewards(read_fd: int, write_fd: int) -> None:
+    """The reward process: load the rewards, then answer each score request call by call."""
+    receive, send = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    os.dup2(2, 1)  # a reward's print() goes to stderr, never into the answers
+    rewards: list[Reward | None] = []
+    while True:
+        try:
+            kind, payload = receive.recv()
+        except EOFError:
+            return
+        if kind == "load":
+            try:
+                rewards = [Reward(spec[0], resolve(spec[0], Path(spec[1]) if spec[1] else None))
+                           if spec else None for spec in payload]
+            except FinesmithError as exc:
+                send.send(("error", str(exc)))
+                continue
+            send.send(("ok", None))
+        elif kind == "score":
+            for k, prompt, completion, fields, source in payload:
+                try:
+                    send.send(("ok", rewards[k](prompt, completion, fields, source)))
+                except FinesmithError as exc:
+                    send.send(("error", str(exc)))
+                except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit from user code
+                    send.send(("error", f"reward {rewards[k].name} failed on {source}: {type(exc).__name__}: {exc}"))
+
+
+if __name__ == "__main__":
+    serve_rewards(int(sys.argv[1]), int(sys.argv[2]))
