@@ -28,6 +28,7 @@ from finesmith.serve.http import (LOOPBACK_HOSTS, MAX_JSON_BYTES, APIError, Clie
                                   allowed_host_list)
 from finesmith.serve.inference import add_inference_routes
 from finesmith.serve.registry import ModelRegistry
+from finesmith.serve.tokenizer_api import add_tokenizer_routes
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SHUTDOWN_TIMEOUT_S = 5  # after this, uvicorn cancels the handlers still running at shutdown
@@ -96,6 +97,7 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
         return {"status": "ok", **status}
 
     add_inference_routes(app, registry)
+    add_tokenizer_routes(app, registry)
     if jobs is not None:
         from finesmith.serve.dashboard import add_dashboard
         from finesmith.serve.jobs import add_routes
