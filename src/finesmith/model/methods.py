@@ -352,7 +352,8 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "cp
     `precision` (`fp32`, `bf16`, `fp16` or `auto`, see `finesmith.core.device.inference_dtype`)
     casts the loaded model, adapter included, for inference; export and merges keep fp32.
 
-    `model` may be a base model spec or a finesmith run folder. A run is read through its
+    `model` may be a base model spec, a finesmith run folder or one of its checkpoint folders
+    (`RUN/checkpoints/step-N`: the run's base and tokenizer with the weights of that step). A run is read through its
     record (`finesmith.run.load_run`): the base it started from, its tokenizer as saved
     (added tokens, chat template) and the vocabulary size it trained at, so the base is
     resized exactly as in training before the adapter goes on. `adapter` adds a PEFT
@@ -363,6 +364,9 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "cp
     from pathlib import Path
 
     folder = Path(model)
+    if adapter is None and folder.is_dir() and checkpoint_run(folder) is not None:
+        return _for_inference(_checkpoint_model(folder, device), device, precision), \
+            load_chat_tokenizer(str(checkpoint_run(folder)))[0]
     if folder.is_dir() and has_record(folder) and adapter is None:
         run = load_run(folder)
         if run.record.kind != "run":
@@ -390,6 +394,69 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "cp
                                  "pass an adapter run's output folder")
         net = _put_adapter(net, adapter)
     return _for_inference(net, device, precision), tokenizer
+
+
+def checkpoint_run(folder: Any) -> Any:
+    """The run folder of a checkpoint folder (`RUN/checkpoints/step-N` or `best`), else None."""
+    from pathlib import Path
+
+    from finesmith.run import has_record
+    from finesmith.train.checkpoint import STATE_FILE
+
+    folder = Path(folder)
+    run = folder.parent.parent
+    return run if folder.parent.name == "checkpoints" and (folder / STATE_FILE).is_file() and has_record(run) else None
+
+
+def _checkpoint_model(folder: Any, device: str) -> Any:
+    """The model a run had at one checkpoint: its base, resized as in training, with the
+    checkpoint's adapter (saved as a plain PEFT adapter) or its trained weights (full runs)."""
+    from pathlib import Path
+
+    from finesmith.model.load import resize_embeddings
+    from finesmith.run import load_run
+
+    folder = Path(folder)
+    run = load_run(checkpoint_run(folder))
+    vocab = int(run.record.tokenizer.get("vocab_size") or 0)
+    if run.record.adapter:
+        if not (folder / "adapter_config.json").is_file():
+            raise FinesmithError(f"{folder}: this checkpoint holds no adapter (a sharded run's checkpoint); "
+                                 "serve the finished run instead")
+        net = qlora_base_for_merging(run.base_spec, device) if run.record.method_name == "qlora" \
+            else load_model(run.base_spec, device)
+        if vocab:
+            resize_embeddings(net, vocab)
+        return _put_adapter(net, str(folder))
+    net = load_model(run.base_spec, device)
+    if vocab:
+        resize_embeddings(net, vocab)
+    _load_trained_weights(folder, net)
+    return net
+
+
+def _load_trained_weights(folder: Any, net: Any) -> None:
+    """Copy a full run's checkpoint weights (`trainable.safetensors`, or the sharded state) into `net`."""
+    from safetensors.torch import load_file
+
+    from finesmith.train.checkpoint import SHARDED_DIR
+
+    params = dict(net.named_parameters())
+    if (folder / "trainable.safetensors").is_file():
+        saved = load_file(str(folder / "trainable.safetensors"))
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        saved = {"model": {name: p.detach().clone() for name, p in params.items()}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(saved, checkpoint_id=folder / SHARDED_DIR, no_dist=True,
+                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        saved = saved["model"]
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in params:
+                params[name].copy_(value)
 
 
 def _for_inference(net: Any, device: str, precision: str) -> Any:

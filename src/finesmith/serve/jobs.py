@@ -77,6 +77,8 @@ class JobService:
             partial.unlink(missing_ok=True)
         for job in self.store.jobs_in(SUCCEEDED):
             self.registry.add(str(Path(job["output"]) / "run"), job["fine_tuned_model"], owner="user")
+        for job in self.store.jobs_in(RUNNING, SUCCEEDED, FAILED, CANCELLED):  # checkpoints are models too
+            self.registry.add_checkpoints(Path(job["output"]) / "run", fine_tuned_name(job))
         for job in self.store.jobs_in(RUNNING):  # its worker went with the previous server
             self._wait_for_pid(job.get("worker_pid"))
             step = _resumable_step(job)
@@ -244,6 +246,7 @@ class JobService:
                 self.store.add_checkpoint(job["id"], step, {"step": step, **latest.get(step, {})})
                 self.store.add_event(job["id"], f"Checkpoint created at step {step}", key=f"ckpt-{step}")
                 recorded.add(step)
+                self.registry.add_checkpoints(run, fine_tuned_name(job))  # served as ft:...:ckpt-step-N
 
     def _metric_events(self, job_id: str, lines: str, run: Path, latest: dict[int, dict[str, Any]]) -> None:
         total = (_record(run).get("schedule") or {}).get("total_steps")

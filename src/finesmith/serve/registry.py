@@ -1,10 +1,15 @@
-"""The models one server serves: base models named on the command line, and each
-fine-tuned model a job has produced, under its `ft:` name. A model is loaded on its first
-request (in a thread, so the event loop goes on) and keeps its own generation worker."""
+"""The models one server serves: base models named on the command line, each fine-tuned
+model a job has produced, under its `ft:` name, and each of a job's checkpoints under
+`ft:...:ckpt-step-N`, as `GET /v1/fine_tuning/jobs/{id}/checkpoints` names them. A model is
+loaded on its first request (in a thread, so the event loop goes on) and keeps its own
+generation worker. A checkpoint that training has since rotated away drops out of the list.
+"""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+
 from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine, load_engine, served_name
 
 
@@ -16,6 +21,7 @@ class ModelRegistry:
         self.specs: dict[str, str] = {}
         self.owners: dict[str, str] = {}
         self.engines: dict[str, ChatEngine] = {}
+        self.checkpoints: set[str] = set()  # names whose spec is a checkpoint folder (it may be rotated away)
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
 
@@ -24,6 +30,20 @@ class ModelRegistry:
         with self._lock:
             self.specs[name], self.owners[name] = spec, owner
         return name
+
+    def add_checkpoints(self, run: str | Path, name: str) -> list[str]:
+        """Serve the run's checkpoints present now as `{name}:ckpt-step-N`; the names added."""
+        from finesmith.train.checkpoint import list_checkpoints
+
+        added = []
+        for step, folder in list_checkpoints(Path(run)):
+            added.append(self.add(str(folder), checkpoint_name(name, step), owner="user"))
+            with self._lock:
+                self.checkpoints.add(added[-1])
+        return added
+
+    def _present(self, name: str) -> bool:
+        return name not in self.checkpoints or Path(self.specs[name]).is_dir()
 
     def add_engine(self, engine: ChatEngine, spec: str | None = None) -> str:
         """Serve an engine that is already loaded (the single-model server, tests)."""
@@ -34,11 +54,11 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         with self._lock:
-            return list(self.specs)
+            return [name for name in self.specs if self._present(name)]
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
-            return name in self.specs
+            return name in self.specs and self._present(name)
 
     def spec(self, name: str) -> str:
         with self._lock:
@@ -71,3 +91,8 @@ class ModelRegistry:
     def join(self, timeout: float) -> None:
         for engine in self.loaded():
             engine.join(timeout)
+
+
+def checkpoint_name(fine_tuned: str, step: int) -> str:
+    """The hosted API's name of a job's checkpoint model."""
+    return f"{fine_tuned}:ckpt-step-{step}"
