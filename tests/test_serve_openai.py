@@ -299,3 +299,17 @@ def test_huge_prompts_are_tokenised_off_the_event_loop(url, engine) -> None:
     answered = health_ms()
     slow.join(timeout=60)
     assert answered < 1000
+
+
+def test_streamed_completions_echo_and_logprobs_equal_the_plain_answer(url, engine) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    body = {"model": engine.name, "prompt": "Bees make", "max_tokens": 5, "temperature": 0, "logprobs": 2,
+            "echo": True}
+    plain = client.completions.create(**body)
+    chunks = [c for c in client.completions.create(**body, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens == plain.choices[0].logprobs.tokens and offsets == plain.choices[0].logprobs.text_offset

@@ -264,9 +264,11 @@ class ChatEngine:
 
     def chat_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt ids for a conversation, rendered with the model's template plus the assistant header
-        (with `tools`: by the template when it renders tools, else in the Hermes text format)."""
+        (with `tools`, calls or tool results: by the template when it renders tools, else in the
+        Hermes text format)."""
+        tool_turns = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
         try:
-            return prompt_ids(self.tool_tokenizer() if tools else self.tokenizer, messages, tools or None)
+            return prompt_ids(self.tool_tokenizer() if tools or tool_turns else self.tokenizer, messages, tools or None)
         except Exception as exc:  # jinja template errors, e.g. a template that forbids some role order
             raise FinesmithError(f"the chat template rejected these messages: {exc}") from None
 

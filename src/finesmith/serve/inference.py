@@ -469,9 +469,7 @@ class Reply:
                     started = True
                     if echo:
                         yield sse(self.echo_chunk(generation, chunk))
-                        offset = len(self.tokenizer.decode(generation.prompt, skip_special_tokens=False))
-                    else:
-                        offset = len(self.tokenizer.decode(generation.prompt, skip_special_tokens=False))
+                    offset = len(self.tokenizer.decode(generation.prompt, skip_special_tokens=False))
                 yield sse(chunk(piece, None, new_logprobs(len(generation.records))))
             if not started and echo:
                 yield sse(self.echo_chunk(generation, chunk))
