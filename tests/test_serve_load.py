@@ -88,8 +88,9 @@ class Served:
 @pytest.fixture(scope="module")
 def servers(lora_run: Path, tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("serve-logs")
-    started = {"small": Served(lora_run, logs / "small.log", "--queue-size", "2"),
-               "default": Served(lora_run, logs / "default.log")}  # both load at once: start-up is the slow part
+    # both load at once (start-up is the slow part); models only, as one home serves one server's jobs
+    started = {"small": Served(lora_run, logs / "small.log", "--queue-size", "2", "--no-jobs"),
+               "default": Served(lora_run, logs / "default.log", "--no-jobs")}
     for served in started.values():
         served.wait_ready()
     yield started
