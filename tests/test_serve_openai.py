@@ -313,3 +313,16 @@ def test_streamed_completions_echo_and_logprobs_equal_the_plain_answer(url, engi
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert tokens == plain.choices[0].logprobs.tokens and offsets == plain.choices[0].logprobs.text_offset
+
+
+def test_prompt_logprobs_in_chunks_equal_one_forward(engine, monkeypatch) -> None:
+    from finesmith.serve import batch
+
+    prompt = [5, 17, 42, 99, 7, 300, 8]
+    monkeypatch.setattr(batch, "PROMPT_CHUNK", 2)  # three chunks and a short last one, over the KV cache
+    records = batch.prompt_logprobs(engine.model, prompt, 2)
+    scores = forward_logprobs(engine, prompt)
+    assert [r.token for r in records] == prompt and records[0].logprob is None
+    for i, r in enumerate(records[1:]):
+        assert r.logprob == pytest.approx(float(scores[i, prompt[i + 1]]), abs=1e-4)
+        assert [t for t, _ in r.top] == scores[i].topk(2).indices.tolist()

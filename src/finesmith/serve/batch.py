@@ -68,20 +68,38 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(scores[token]), best)
 
 
+PROMPT_CHUNK = 512  # prompt positions scored per forward pass: bounds the logits held at once
+
+
 def prompt_logprobs(model: Any, prompt: list[int], top: int) -> list[TokenLogprob]:
-    """Every prompt token's log-probability given the tokens before it, from one full forward
-    pass of the prompt alone (the first token has none)."""
+    """Every prompt token's log-probability given the tokens before it (the first token has
+    none): the prompt alone, run in chunks of `PROMPT_CHUNK` positions over a KV cache, so a
+    long prompt never holds all its positions' full-vocabulary logits at once."""
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prompt], device=device), use_cache=False).logits[0]
-        scores = torch.log_softmax(logits[:-1].float(), dim=-1)
-        chosen = scores.gather(1, torch.tensor(prompt[1:], device=device).unsqueeze(1)).squeeze(1).tolist()
-        best = torch.topk(scores, min(top, scores.shape[-1])) if top > 0 else None
+    ids = torch.tensor([prompt], device=device)
+    cache, kw = DynamicCache(), cache_keyword(model)
     out = [TokenLogprob(prompt[0], None)]
-    for i, token in enumerate(prompt[1:]):
-        alternatives = tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ()
-        out.append(TokenLogprob(token, chosen[i], alternatives))
+    with torch.inference_mode():
+        for start in range(0, len(prompt) - 1, PROMPT_CHUNK):
+            end = min(start + PROMPT_CHUNK, len(prompt) - 1)  # positions start..end-1 score tokens start+1..end
+            positions = torch.arange(start, end, device=device).unsqueeze(0)
+            logits = model(input_ids=ids[:, start:end], position_ids=positions, use_cache=True,
+                           **{kw: cache}).logits[0]
+            scores = torch.log_softmax(logits.float(), dim=-1)
+            chosen = scores.gather(1, ids[0, start + 1:end + 1].unsqueeze(1)).squeeze(1).tolist()
+            best = torch.topk(scores, min(top, scores.shape[-1])) if top > 0 else None
+            for i, token in enumerate(prompt[start + 1:end + 1]):
+                alternatives = tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ()
+                out.append(TokenLogprob(token, chosen[i], alternatives))
     return out
+
+
+def cache_keyword(model: Any) -> str:
+    """transformers 5.x renames `past_key_values` to `cache`; the name this model's forward takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 SEED_RANGE = 2**64  # torch seeds are 64-bit; a request's int64 seed (negative too) maps into it
@@ -137,9 +155,7 @@ def decode_batch(model: Any, tokenizer: Any, rows: list[Row], stop_ids: set[int]
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    # transformers 5.x renames `past_key_values` to `cache`; pass whichever this model takes
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_kw = cache_keyword(model)
     live = list(range(len(rows)))
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
