@@ -326,3 +326,23 @@ def test_prompt_logprobs_in_chunks_equal_one_forward(engine, monkeypatch) -> Non
     for i, r in enumerate(records[1:]):
         assert r.logprob == pytest.approx(float(scores[i, prompt[i + 1]]), abs=1e-4)
         assert [t for t, _ in r.top] == scores[i].topk(2).indices.tolist()
+
+
+@pytest.mark.parametrize("family, marker", [("llama", '{"name":"get_weather","parameters":'),
+                                            ("mistral", '[{"name":"get_weather","arguments":')])
+def test_forced_calls_follow_the_template_call_format(family, marker, tmp_path) -> None:
+    """Llama 3 writes a bare JSON call with `parameters`; Mistral a [TOOL_CALLS] list."""
+    from finesmith.serve.tools import call_grammar, split_calls, tool_plan
+
+    served = load_engine(str(make_family_model(tmp_path / "m", family)), "cpu")
+    served.context_length = 4096
+    plan = tool_plan(served, [WEATHER], {"type": "function", "function": {"name": "get_weather"}})
+    prompt = served.chat_ids([{"role": "user", "content": "Weather in Paris?"}], plan.tools)
+    generation = served.generate(prompt, Sampling(80, grammar=call_grammar(served, plan)))
+    text = generation.text()
+    assert text.startswith(marker) and generation.finish_reason == "stop"
+    if family == "mistral":
+        assert served.tokenizer.convert_tokens_to_ids("[TOOL_CALLS]") == generation.tokens[0]
+    (call,) = split_calls(text, plan)[1]
+    assert set(json.loads(call["function"]["arguments"])) == {"city", "unit"}
+    served.close()

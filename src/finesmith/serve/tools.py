@@ -26,7 +26,8 @@ from finesmith.errors import FinesmithError
 from finesmith.evaluate.toolcalls import TOOL_CALL_BLOCK, parse_tool_calls
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-JSON_OPENERS = ("{", "[", "[TOOL_CALLS]", "<|python_tag|>")  # how other formats begin a call
+MISTRAL_PREFIX = "[TOOL_CALLS]"
+JSON_OPENERS = ("{", "[", MISTRAL_PREFIX, "<|python_tag|>")  # how other formats begin a call
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ class ToolPlan:
     tools: list[dict[str, Any]]
     choice: str  # auto | required | function (then `name`)
     name: str | None
-    hermes: bool  # calls are written as <tool_call>{json}</tool_call>; else as a bare JSON object
+    hermes: bool  # calls are written as <tool_call>{json}</tool_call>; else as JSON
     arguments_key: str = "arguments"
+    prefix: str | None = None  # a marker before a JSON list of calls (Mistral's [TOOL_CALLS])
 
     @property
     def names(self) -> set[str]:
@@ -61,9 +63,9 @@ def tool_plan(engine: Any, tools: list[dict[str, Any]] | None, tool_choice: Any)
     name = _named(tool_choice)
     if name is not None and name not in {t["function"]["name"] for t in shaped}:
         raise FinesmithError(f"tool_choice names the function '{name}', which is not among the tools")
-    hermes, key = call_format(engine.tool_tokenizer())
+    hermes, key, prefix = call_format(engine.tool_tokenizer())
     choice = "function" if name is not None else (tool_choice or "auto")
-    return ToolPlan(shaped, choice, name, hermes, key)
+    return ToolPlan(shaped, choice, name, hermes, key, prefix)
 
 
 def _named(tool_choice: Any) -> str | None:
@@ -73,8 +75,9 @@ def _named(tool_choice: Any) -> str | None:
     return None
 
 
-def call_format(tokenizer: Any) -> tuple[bool, str]:
-    """(hermes, arguments key): how the template writes an assistant's call, found from a probe render."""
+def call_format(tokenizer: Any) -> tuple[bool, str, str | None]:
+    """(hermes, arguments key, list prefix): how the template writes an assistant's call, found
+    from a probe render."""
     cached = getattr(tokenizer, "_finesmith_call_format", None)
     if cached is not None and cached[0] == tokenizer.chat_template:
         return cached[1]
@@ -87,7 +90,8 @@ def call_format(tokenizer: Any) -> tuple[bool, str]:
         text = ""
     after = text[text.find("finesmith_probe_call"):]  # the call itself, past the tool schemas
     found = (HERMES_OPEN in text, "parameters" if after.find('"parameters"') >= 0 and (
-        after.find('"arguments"') < 0 or after.find('"parameters"') < after.find('"arguments"')) else "arguments")
+        after.find('"arguments"') < 0 or after.find('"parameters"') < after.find('"arguments"')) else "arguments",
+        MISTRAL_PREFIX if MISTRAL_PREFIX in text else None)
     tokenizer._finesmith_call_format = (tokenizer.chat_template, found)
     return found
 
@@ -126,6 +130,9 @@ def call_grammar(engine: Any, plan: ToolPlan) -> str | None:
         call = f'{lark_literal(tokenizer, HERMES_OPEN)} "\\n" body "\\n" {lark_literal(tokenizer, HERMES_CLOSE)}'
         start = "call" if plan.choice == "function" else 'call ("\\n" call)*'
         lark = f"start: {start}\ncall: {call}\nbody: {body}\n"
+    elif plan.prefix:  # [TOOL_CALLS][{...}, {...}]
+        calls = '"[" body "]"' if plan.choice == "function" else '"[" body ("," body)* "]"'
+        lark = f"start: {lark_literal(engine.tokenizer, plan.prefix)} {calls}\nbody: {body}\n"
     else:
         lark = f"start: body\nbody: {body}\n"
     grammar = lark_grammar(lark)
