@@ -118,7 +118,7 @@ def test_openai_client_tool_round_trip(served) -> None:
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_checkpoints_are_served_by_their_ft_names(method: str, tiny_model: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA])
-    run = tmp_path / "run"
+    run = tmp_path / "job" / "run"
     assert main(["train", "--model", tiny_model, "--data", data, "--method", method, "--output", str(run),
                  "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "save_every=1", "keep_checkpoints=2"]) == 0
     registry = ModelRegistry()
@@ -135,6 +135,27 @@ def test_checkpoints_are_served_by_their_ft_names(method: str, tiny_model: str, 
 
     assert answer(names[-1]) == answer("ft:tiny:finesmith:abcd1234")  # the last checkpoint is the final weights
     assert answer(names[0])[1] != answer(names[-1])[1]  # an earlier step's weights
+    if method == "lora":  # the jobs service registers a job's checkpoints as it records them, and at start
+        from finesmith.serve.jobs import JobService, fine_tuned_name
+        from finesmith.serve.store import SUCCEEDED, Store
+
+        store = Store(tmp_path / "home")
+        job = store.add_job({"id": "ftjob-0123456789abcdef", "model": "tiny", "training_file": "file-x",
+                             "validation_file": None, "suffix": None, "seed": 1, "method": {"type": "supervised"},
+                             "output": str(tmp_path / "job")})
+        jobs_registry = ModelRegistry()
+        JobService(store, jobs_registry).follow(job)
+        expected = [f"{fine_tuned_name(job)}:ckpt-step-{step}" for step in (2, 3)]
+        assert jobs_registry.names() == expected
+        store.update_job(job["id"], status=SUCCEEDED, fine_tuned_model=fine_tuned_name(job))
+        restarted, service = ModelRegistry(), None
+        try:
+            service = JobService(store, restarted)
+            service.start()
+            assert restarted.names() == [fine_tuned_name(job)] + expected
+        finally:
+            if service:
+                service.stop()
     shutil.rmtree(run / "checkpoints" / "step-2")  # rotated away by training: no longer listed
     assert names[0] not in registry and names[0] not in registry.names()
     registry.close()
