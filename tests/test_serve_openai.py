@@ -100,6 +100,11 @@ def test_echo_logprobs_of_token_prompts_equal_a_full_forward(url, engine) -> Non
             assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
             assert choice["text"].startswith(engine.tokenizer.decode(prompt))
         assert out["usage"]["prompt_tokens"] == sum(map(len, prompts))
+        if max_tokens:  # the echo row's token (taken from its own forward) is the batched prefill's
+            _, plain = call(url, "completions", {"model": engine.name, "prompt": prompts, "max_tokens": 1,
+                                                 "temperature": 0})
+            assert [c["text"] for c in out["choices"]] == [engine.tokenizer.decode(p) + c["text"]
+                                                           for p, c in zip(prompts, plain["choices"])]
     status, _ = call(url, "completions", {"model": engine.name, "prompt": "hi", "max_tokens": 0})
     assert status == 400  # max_tokens 0 needs echo
     status, out = call(url, "completions", {"model": engine.name, "prompt": [1, 10**9], "max_tokens": 1})

@@ -71,10 +71,12 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 PROMPT_CHUNK = 512  # prompt positions scored per forward pass: bounds the logits held at once
 
 
-def prompt_logprobs(model: Any, prompt: list[int], top: int) -> list[TokenLogprob]:
+def prompt_logprobs(model: Any, prompt: list[int], top: int, last: list[torch.Tensor] | None = None
+                    ) -> list[TokenLogprob]:
     """Every prompt token's log-probability given the tokens before it (the first token has
     none): the prompt alone, run in chunks of `PROMPT_CHUNK` positions over a KV cache, so a
-    long prompt never holds all its positions' full-vocabulary logits at once."""
+    long prompt never holds all its positions' full-vocabulary logits at once. With `last`,
+    the logits after the whole prompt (for its first new token) are appended to it."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -82,11 +84,16 @@ def prompt_logprobs(model: Any, prompt: list[int], top: int) -> list[TokenLogpro
     cache, kw = DynamicCache(), cache_keyword(model)
     out = [TokenLogprob(prompt[0], None)]
     with torch.inference_mode():
-        for start in range(0, len(prompt) - 1, PROMPT_CHUNK):
-            end = min(start + PROMPT_CHUNK, len(prompt) - 1)  # positions start..end-1 score tokens start+1..end
-            positions = torch.arange(start, end, device=device).unsqueeze(0)
-            logits = model(input_ids=ids[:, start:end], position_ids=positions, use_cache=True,
+        scored = len(prompt) if last is not None else len(prompt) - 1  # positions run through the model
+        for start in range(0, scored, PROMPT_CHUNK):
+            stop = min(start + PROMPT_CHUNK, scored)
+            end = min(stop, len(prompt) - 1)  # positions start..end-1 score tokens start+1..end
+            positions = torch.arange(start, stop, device=device).unsqueeze(0)
+            logits = model(input_ids=ids[:, start:stop], position_ids=positions, use_cache=True,
                            **{kw: cache}).logits[0]
+            if stop == len(prompt):
+                last.append(logits[-1])
+                logits = logits[:end - start]
             scores = torch.log_softmax(logits.float(), dim=-1)
             chosen = scores.gather(1, ids[0, start + 1:end + 1].unsqueeze(1)).squeeze(1).tolist()
             best = torch.topk(scores, min(top, scores.shape[-1])) if top > 0 else None

@@ -404,9 +404,9 @@ class ChatEngine:
     def _run(self, generations: list[Generation]) -> dict[int, tuple[str, BaseException | None]]:
         """Generate for a batch of requests, pushing each one's text as it decodes; their finish
         reasons (`error` with its exception for a request whose own set-up or decoding failed)."""
-        from finesmith.serve.batch import Row, decode_batch, prompt_logprobs, row_generator
+        from finesmith.serve.batch import Row, choose, decode_batch, prompt_logprobs, row_generator, step
 
-        rows, scanners, outcome = [], {}, {}
+        rows, done, scanners, outcome = [], [], {}, {}
         for g in generations:
             try:
                 scanner = StopScanner(g.sampling.stop)
@@ -416,8 +416,9 @@ class ChatEngine:
                         g._push(shown)
                     return not scanner.stopped
 
+                last: list[torch.Tensor] = []  # an echo row's next-token logits, from its own forward
                 if g.sampling.echo:
-                    g.prompt_records = prompt_logprobs(self.model, g.prompt, g.sampling.logprobs or 0)
+                    g.prompt_records = prompt_logprobs(self.model, g.prompt, g.sampling.logprobs or 0, last)
                 grammar = (self.grammar_tokenizer().matcher(g.sampling.grammar)
                            if g.sampling.grammar is not None else None)
                 row = Row(g.prompt, self.token_budget(g.prompt, g.sampling.max_tokens), g.sampling.temperature,
@@ -428,7 +429,13 @@ class ChatEngine:
                 outcome[id(g)] = ("error", exc)
                 continue
             scanners[id(g)] = scanner
-            if row.budget > 0:
+            if row.budget == 1 and last:  # lm-eval's loglikelihood (echo, max_tokens 1): its one token is ready
+                try:
+                    row.reason = step(self.tokenizer, row, choose(last[0], row), set(self.stop_ids)) or "length"
+                except Exception as exc:
+                    row.reason, row.error = "error", exc
+                done.append((g, row))
+            elif row.budget > 0:
                 rows.append((g, row))
             else:
                 outcome[id(g)] = ("length", None)
@@ -436,7 +443,7 @@ class ChatEngine:
         if rows:
             decode_batch(self.model, self.tokenizer, [row for _, row in rows], set(self.stop_ids), pad,
                          lambda: self._deadline)
-        for g, row in rows:
+        for g, row in rows + done:
             scanner = scanners[id(g)]
             g.completion_tokens, g.tokens = len(row.tokens), list(row.tokens)
             if row.reason in ("stop", "length") and not scanner.stopped and (tail := scanner.flush()):
