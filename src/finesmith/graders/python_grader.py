@@ -1,0 +1,306 @@
+"""`python` graders: user source defining `grade(sample, item) -> float`, run in a sandbox.
+
+Each grading runs the source in a separate process: `sys.executable -I` (no PYTHONPATH, no user
+site, the script's folder not on sys.path), a fresh empty temporary working directory (also
+HOME and TMPDIR), an environment of a few fixed variables only, its own session (so the whole
+process group is killed at the end), and in the child, before the user's code runs:
+
+- resource limits: address space (`memory_mb`, RLIMIT_AS), CPU time (RLIMIT_CPU, the wall limit
+  + 1 s), size of any file written (`file_mb`, RLIMIT_FSIZE), no core dumps;
+- no network: the child moves into a new, empty network namespace (`unshare(CLONE_NEWNET)`,
+  or a new user + network namespace where that is allowed unprivileged). Either way, socket
+  creation, connect, bind and name lookups are refused inside Python (an audit hook and
+  `socket` functions that raise); where no namespace could be made, starting other programs
+  (subprocess, os.system, os.exec*, os.posix_spawn) is refused as well, since a program started
+  outside Python would not meet the in-Python block;
+- `print` output goes to stderr, which is kept (its tail) for error messages, never parsed.
+
+The parent waits at most `timeout_s` (wall time) and then kills the process group. A grader
+that loops forever, allocates without bound, opens a socket, raises, exits, crashes or
+returns something that is not a finite number fails that grading only: reward 0, an error
+flag (`unresponsive_reward_error` for a timeout, `python_grader_runtime_error` with one line
+of details otherwise, `python_grader_server_error` when the sandbox itself failed).
+
+The hosted service's limits are the defaults: 2 minutes, 2 GB of memory, source under 256 kB.
+`image_tag` is accepted and ignored: the grader runs with this server's Python and packages.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from finesmith.graders.result import GraderError, GradingFailure
+
+MAX_SOURCE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class PythonLimits:
+    """The sandbox's limits for one grading."""
+
+    timeout_s: float = 120.0  # wall time, start to answer (the hosted limit: 2 minutes)
+    memory_mb: int = 2048  # address space (the hosted limit: 2 GB)
+    file_mb: int = 1024  # the largest file the grader may write (the hosted disk: 1 GB)
+    stderr_tail: int = 2000  # characters of stderr kept for error details
+
+
+DEFAULT_LIMITS = PythonLimits()
+
+
+def validate(grader: dict[str, Any], param: str) -> dict[str, Any]:
+    source = grader.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise GraderError(f"{param}.source", "must be the Python source of a module defining grade(sample, item)")
+    if len(source.encode("utf-8", "replace")) > MAX_SOURCE_BYTES:
+        raise GraderError(f"{param}.source", f"is {len(source.encode('utf-8', 'replace'))} bytes; python graders "
+                          f"must be under {MAX_SOURCE_BYTES // 1024} kB")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise GraderError(f"{param}.source", f"is not valid Python: {exc.msg} (line {exc.lineno})") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise GraderError(f"{param}.source", f"cannot be parsed: {type(exc).__name__}") from None
+    grade = next((node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.name == "grade"), None)
+    if grade is None:
+        raise GraderError(f"{param}.source", "must define a top-level function grade(sample, item) -> float")
+    if isinstance(grade, ast.AsyncFunctionDef):
+        raise GraderError(f"{param}.source", "grade must be a plain function (def), not async def")
+    positional = len(grade.args.posonlyargs) + len(grade.args.args)
+    if positional < 2 and grade.args.vararg is None:
+        raise GraderError(f"{param}.source", "grade must take two arguments: grade(sample, item)")
+    image_tag = grader.get("image_tag")
+    if image_tag is not None and not isinstance(image_tag, str):
+        raise GraderError(f"{param}.image_tag", f"must be a string, not {type(image_tag).__name__}")
+    out = {"type": "python", "name": grader["name"], "source": source}
+    if image_tag is not None:
+        out["image_tag"] = image_tag
+    return out
+
+
+# The child's first code: trusted, runs before the user's. Arguments: the limits as JSON.
+# Reads {"source", "sample", "item"} as JSON on stdin; writes one JSON answer to the saved stdout.
+BOOTSTRAP = r'''
+import json, os, sys
+limits = json.loads(sys.argv[1])
+answer_fd = os.dup(1)
+os.dup2(2, 1)
+
+def answer(obj):
+    data = json.dumps(obj).encode()
+    while data:
+        data = data[os.write(answer_fd, data):]
+    os._exit(0)
+
+netns = False
+try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET
+        netns = True
+    elif libc.unshare(0x10000000 | 0x40000000) == 0:  # CLONE_NEWUSER | CLONE_NEWNET
+        netns = True
+except Exception:
+    pass
+
+import resource
+def cap(kind, soft, hard=None):
+    try:
+        old_soft, old_hard = resource.getrlimit(kind)
+        hard = soft if hard is None else hard
+        if old_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, old_hard), min(hard, old_hard)
+        resource.setrlimit(kind, (soft, hard))
+    except (ValueError, OSError):
+        pass
+cap(resource.RLIMIT_AS, limits["memory"])
+cap(resource.RLIMIT_CPU, limits["cpu"], limits["cpu"] + 1)
+cap(resource.RLIMIT_FSIZE, limits["fsize"])
+cap(resource.RLIMIT_CORE, 0)
+
+import socket, _socket
+NO_NET = "network access is disabled for python graders"
+def refuse(*args, **kwargs):
+    raise PermissionError(NO_NET)
+class NoSocket(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise PermissionError(NO_NET)
+socket.socket = NoSocket
+for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
+             "gethostbyaddr", "getnameinfo", "socketpair", "fromfd"):
+    setattr(socket, name, refuse)
+for name in ("socket", "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo",
+             "socketpair"):
+    setattr(_socket, name, refuse)
+BLOCKED = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
+           "socket.gethostbyaddr", "socket.getnameinfo", "socket.sendto", "socket.sendmsg"}
+if not netns:
+    BLOCKED |= {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                "os.forkpty", "pty.spawn"}
+def hook(event, args):
+    if event in BLOCKED:
+        if event.startswith("socket."):
+            raise PermissionError(NO_NET)
+        raise PermissionError(f"{event} is disabled for python graders on this server (no network namespace)")
+sys.addaudithook(hook)
+
+try:
+    payload = json.loads(sys.stdin.buffer.read())
+    sys.stdin.close()
+except Exception as exc:
+    answer({"ok": False, "kind": "server", "error": f"bad payload: {type(exc).__name__}"})
+
+def one_line(exc):
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:500]
+
+try:
+    namespace = {"__name__": "grader", "__builtins__": __builtins__}
+    exec(compile(payload["source"], "grader.py", "exec"), namespace)
+    grade = namespace.get("grade")
+    if not callable(grade):
+        answer({"ok": False, "kind": "runtime", "error": "the source defines no function grade(sample, item)"})
+    value = grade(payload["sample"], payload["item"])
+except MemoryError as exc:
+    del exc
+    answer({"ok": False, "kind": "memory", "error": "MemoryError"})
+except BaseException as exc:
+    import traceback
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "grader.py"]
+    where = f" (grader.py line {frames[-1].lineno})" if frames else ""
+    answer({"ok": False, "kind": "runtime", "error": one_line(exc) + where})
+try:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        answer({"ok": False, "kind": "runtime",
+                "error": f"grade returned {type(value).__name__}, not a number (int or float)"})
+    answer({"ok": True, "value": float(value), "netns": netns})
+except BaseException as exc:
+    answer({"ok": False, "kind": "runtime", "error": one_line(exc)})
+'''
+
+BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "2",
+            "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(source: str, sample: dict[str, Any], item: Any, limits: PythonLimits = DEFAULT_LIMITS) -> float:
+    """`grade(sample, item)` of `source`, computed in the sandbox (see the module docstring).
+
+    Raises:
+        GradingFailure: the grader timed out, failed, returned a non-number, or the sandbox failed.
+    """
+    try:
+        payload = json.dumps({"source": source, "sample": sample, "item": item}, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise GradingFailure("other_error", f"the sample or item cannot be passed to a python grader: {exc}") from None
+    child_limits = json.dumps({"memory": max(64, limits.memory_mb) << 20, "cpu": int(math.ceil(limits.timeout_s)) + 1,
+                               "fsize": max(1, limits.file_mb) << 20})
+    with tempfile.TemporaryDirectory(prefix="finesmith-grader-") as home, \
+            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        env = {**BASE_ENV, "HOME": home, "TMPDIR": home}
+        try:
+            process = subprocess.Popen([sys.executable, "-I", "-c", BOOTSTRAP, child_limits], stdin=subprocess.PIPE,
+                                       stdout=out, stderr=err, cwd=home, env=env, start_new_session=True,
+                                       close_fds=True)
+        except OSError as exc:
+            raise GradingFailure("python_grader_server_error", f"could not start the python grader: {exc}",
+                                 python_grader_server_error_type="start_failed") from None
+        timed_out = False
+        try:
+            process.communicate(payload, timeout=limits.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _kill_group(process)
+            process.wait()
+        if timed_out:
+            raise GradingFailure("unresponsive_reward_error",
+                                 f"grade() did not return within {limits.timeout_s:g} s (the wall-time limit)",
+                                 python_grader_runtime_error_details=f"TimeoutError: grade() did not return "
+                                 f"within {limits.timeout_s:g} s")
+        out.seek(0)
+        raw = out.read(1 << 20)
+        err.seek(0, os.SEEK_END)
+        err.seek(max(0, err.tell() - 4 * limits.stderr_tail))
+        stderr = err.read().decode("utf-8", "replace")[-limits.stderr_tail:]
+    return _answer(raw, process.returncode, stderr, limits)
+
+
+def _answer(raw: bytes, code: int, stderr: str, limits: PythonLimits) -> float:
+    try:
+        reply = json.loads(raw) if raw else None
+    except ValueError:
+        reply = None
+    if isinstance(reply, dict) and reply.get("ok") is True and isinstance(reply.get("value"), float):
+        value = reply["value"]
+        if not math.isfinite(value):
+            raise _runtime(f"grade returned {value}, not a finite number")
+        return value
+    if isinstance(reply, dict) and reply.get("ok") is False:
+        kind, error = reply.get("kind"), str(reply.get("error", ""))[:500]
+        if kind == "memory":
+            raise _runtime(f"MemoryError: the grader went over its memory limit ({limits.memory_mb} MB)")
+        if kind == "server":
+            raise GradingFailure("python_grader_server_error", error, python_grader_server_error_type="sandbox")
+        raise _runtime(error)
+    if code is not None and code < 0:
+        sig = -code
+        if sig == signal.SIGXCPU:
+            raise GradingFailure("unresponsive_reward_error", f"the grader used more than its CPU-time limit "
+                                 f"({math.ceil(limits.timeout_s) + 1} s)",
+                                 python_grader_runtime_error_details="TimeoutError: CPU-time limit")
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        detail = "MemoryError" if "MemoryError" in stderr else f"killed by {name}"
+        raise _runtime(f"the grader process ended: {detail}")
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+    if "MemoryError" in stderr:
+        raise _runtime(f"MemoryError: the grader went over its memory limit ({limits.memory_mb} MB)")
+    raise _runtime(f"the grader process exited with code {code} before grade() returned"
+                   + (f": {last[:300]}" if last else ""))
+
+
+def _runtime(message: str) -> GradingFailure:
+    return GradingFailure("python_grader_runtime_error", message, python_grader_runtime_error_details=message)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (it leads its own session): the child and anything it started."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def sandbox_report(limits: PythonLimits | None = None) -> dict[str, Any]:
+    """What the sandbox enforces here, measured: whether a network namespace could be made,
+    and the wall time of a trivial grading (the per-call overhead)."""
+    limits = limits or PythonLimits(timeout_s=10.0)
+    probe = ("import ctypes, os\n"
+             "def grade(sample, item):\n"
+             "    return 1.0 if os.path.exists('/proc/self/ns/net') else 0.5\n")
+    start = time.perf_counter()
+    run(probe, {"output_text": ""}, {}, limits)
+    overhead = time.perf_counter() - start
+    netns = _netns_available()
+    return {"network_namespace": netns, "overhead_s": overhead, "timeout_s": limits.timeout_s,
+            "memory_mb": limits.memory_mb}
+
+
+def _netns_available() -> bool:
+    code = ("import ctypes,sys\nlibc=ctypes.CDLL(None,use_errno=True)\n"
+            "sys.exit(0 if libc.unshare(0x40000000)==0 or libc.unshare(0x50000000)==0 else 1)")
+    try:
+        return subprocess.run([sys.executable, "-I", "-c", code], timeout=10, env=BASE_ENV).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
