@@ -126,7 +126,7 @@ class JobService:
             code = self.worker.poll()
             if code is None:
                 return
-            self.follow(job)
+            self.follow(job, final=True)
             self.worker = None
             self._finished(self.store.job(job["id"]), code)
             return
@@ -185,15 +185,16 @@ class JobService:
             record = _record(run)
             tokens = int((record.get("data", {}).get("train", {}).get("tokens") or 0)
                          * (record.get("config", {}).get("epochs") or 1))
-            self.store.update_job(job["id"], status=SUCCEEDED, fine_tuned_model=name, trained_tokens=tokens,
-                                  hyperparameters=json.dumps(resolved_hyperparameters(job, record)))
+            # the events first: a client that sees the final status finds every event with it
             self.store.add_event(job["id"], f"New fine-tuned model created: {name}", key="model")
             self.store.add_event(job["id"], "The job has successfully completed", key="succeeded")
+            self.store.update_job(job["id"], status=SUCCEEDED, fine_tuned_model=name, trained_tokens=tokens,
+                                  hyperparameters=json.dumps(resolved_hyperparameters(job, record)))
         elif job["cancel_requested"]:  # stopped with a checkpoint (75), or while still checking its files
             step = _resumable_step(job)
-            self.store.update_job(job["id"], status=CANCELLED)
             self.store.add_event(job["id"], "Fine-tuning job cancelled" + (f" (checkpoint at step {step} kept)"
                                                                           if step else ""), key="cancelled")
+            self.store.update_job(job["id"], status=CANCELLED)
         elif code == 75:  # stopped because this server is stopping: resumed when it starts again
             self.store.add_event(job["id"], "Paused with a checkpoint: the server is stopping",
                                  key=f"paused-{job['attempts']}")
@@ -204,8 +205,8 @@ class JobService:
 
     def _fail(self, job: dict[str, Any], message: str, code: str, param: str | None) -> None:
         message = self.public(message)
-        self.store.update_job(job["id"], status=FAILED, error={"code": code, "message": message, "param": param})
         self.store.add_event(job["id"], f"Fine-tuning job failed: {message}", level="error", key="failed")
+        self.store.update_job(job["id"], status=FAILED, error={"code": code, "message": message, "param": param})
 
     def public(self, message: str) -> str:
         """`message` as clients may see it: an uploaded file's path becomes its id, other paths of
@@ -217,8 +218,11 @@ class JobService:
         message = re.sub(re.escape(str(self.store.files_dir)) + r"/(file-[0-9a-f]+)\.jsonl", r"\1", message)
         return strip_paths(message, self.store.root)
 
-    def follow(self, job: dict[str, Any]) -> None:
+    def follow(self, job: dict[str, Any], final: bool = False) -> None:
         """New metric lines and checkpoints of the job's run, as events and checkpoint objects.
+
+        A checkpoint is recorded once its step's losses have been read (they can reach the
+        metrics file after the checkpoint folder), or when the worker has ended (`final`).
 
         Only what is new since the last call is read and written: the metrics file from the
         offset reached, checkpoints not recorded yet (both start again after a restart, and the
@@ -242,7 +246,7 @@ class JobService:
 
         recorded = self.recorded_checkpoints.setdefault(job["id"], set())
         for step, _ in list_checkpoints(run):
-            if step not in recorded:
+            if step not in recorded and (final or step in latest):
                 self.store.add_checkpoint(job["id"], step, {"step": step, **latest.get(step, {})})
                 self.store.add_event(job["id"], f"Checkpoint created at step {step}", key=f"ckpt-{step}")
                 recorded.add(step)
