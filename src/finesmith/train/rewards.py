@@ -208,8 +208,8 @@ class RewardScorer:
         child_read, parent_write = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "finesmith.train.rewards", str(child_read), str(child_write)],
-                pass_fds=(child_read, child_write), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                [sys.executable, "-m", "finesmith.train.rewards", str(child_read), str(child_write), str(os.getpid())],
+                pass_fds=(child_read, child_write), stdin=subprocess.DEVNULL)
         finally:
             os.close(child_read)
             os.close(child_write)
@@ -264,9 +264,10 @@ def _end(process: subprocess.Popen, *connections: Connection) -> None:
         process.wait()
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so a reward process
-    never outlives the run; ignore Ctrl-C, which the training process handles for both."""
+    never outlives the run; ignore Ctrl-C, which the training process handles for both. Set
+    here rather than between fork and exec (`preexec_fn` is unsafe in a process with threads)."""
     import ctypes
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -274,6 +275,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
     except OSError:
         pass
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
 
 
 class _StopWatch:
@@ -305,8 +308,9 @@ class _StopWatch:
             signal.signal(sig, handler)
 
 
-def serve_rewards(read_fd: int, write_fd: int) -> None:
+def serve_rewards(read_fd: int, write_fd: int, parent: int) -> None:
     """The reward process: load the rewards, then answer each score request call by call."""
+    _die_with_parent(parent)
     receive, send = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     os.dup2(2, 1)  # a reward's print() goes to stderr, never into the answers
     rewards: list[Reward | None] = []
@@ -334,4 +338,4 @@ def serve_rewards(read_fd: int, write_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    serve_rewards(int(sys.argv[1]), int(sys.argv[2]))
+    serve_rewards(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
