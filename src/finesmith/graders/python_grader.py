@@ -52,6 +52,7 @@ class PythonLimits:
     memory_mb: int = 2048  # address space (the hosted limit: 2 GB)
     file_mb: int = 1024  # the largest file the grader may write (the hosted disk: 1 GB)
     stderr_tail: int = 2000  # characters of stderr kept for error details
+    network_namespace: bool = True  # try a new network namespace (False: the in-Python block alone, as where none can be made)
 
 
 DEFAULT_LIMITS = PythonLimits()
@@ -104,6 +105,8 @@ def answer(obj):
 
 netns = False
 try:
+    if not limits["netns"]:
+        raise OSError("network namespace not wanted")
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET
@@ -205,7 +208,7 @@ def run(source: str, sample: dict[str, Any], item: Any, limits: PythonLimits = D
     except (TypeError, ValueError) as exc:
         raise GradingFailure("other_error", f"the sample or item cannot be passed to a python grader: {exc}") from None
     child_limits = json.dumps({"memory": max(64, limits.memory_mb) << 20, "cpu": int(math.ceil(limits.timeout_s)) + 1,
-                               "fsize": max(1, limits.file_mb) << 20})
+                               "fsize": max(1, limits.file_mb) << 20, "netns": limits.network_namespace})
     with tempfile.TemporaryDirectory(prefix="finesmith-grader-") as home, \
             tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         env = {**BASE_ENV, "HOME": home, "TMPDIR": home}
