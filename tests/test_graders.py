@@ -447,3 +447,20 @@ def test_with_a_network_namespace_programs_the_grader_starts_have_no_network() -
               "    return 1.0\n")
     result = grade(python(source), "x", {}, limits=FAST)
     assert result.ok and result.reward == 1.0, result.message
+
+
+def test_sandboxes_started_in_advance_serve_one_grading_each() -> None:
+    from finesmith.graders.python_grader import close_spares
+
+    warm = PythonLimits(timeout_s=2.0, memory_mb=384, prestart=1)
+    counter = ("import os\ndef grade(sample, item):\n"
+               "    first = not os.path.exists('mark')\n    open('mark', 'w').close()\n"
+               "    return 1.0 if first else 0.0\n")  # a sandbox used twice would see its own mark
+    try:
+        for _ in range(3):
+            assert grade(python(counter), "x", {}, limits=warm).reward == 1.0
+            time.sleep(0.2)  # the spare is started again meanwhile
+        assert flags(grade(python(LOOP), "x", {}, limits=warm)) == ["unresponsive_reward_error"]
+        assert grade(python(GOOD), "42", {"reference": "42"}, limits=warm).reward == 1.0
+    finally:
+        close_spares()

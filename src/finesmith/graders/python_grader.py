@@ -5,8 +5,8 @@ site, the script's folder not on sys.path), a fresh empty temporary working dire
 HOME and TMPDIR), an environment of a few fixed variables only, its own session (so the whole
 process group is killed at the end), and in the child, before the user's code runs:
 
-- resource limits: address space (`memory_mb`, RLIMIT_AS), CPU time (RLIMIT_CPU, the wall limit
-  + 1 s), size of any file written (`file_mb`, RLIMIT_FSIZE), no core dumps;
+- resource limits: address space (`memory_mb`, RLIMIT_AS), CPU time (RLIMIT_CPU: the wall limit
+  on two cores, + 1 s), size of any file written (`file_mb`, RLIMIT_FSIZE), no core dumps;
 - no network: the child moves into a new, empty network namespace (`unshare(CLONE_NEWNET)`,
   or a new user + network namespace where that is allowed unprivileged). Either way, socket
   creation, connect, bind and name lookups are refused inside Python (an audit hook and
@@ -22,19 +22,25 @@ flag (`unresponsive_reward_error` for a timeout, `python_grader_runtime_error` w
 of details otherwise, `python_grader_server_error` when the sandbox itself failed).
 
 The hosted service's limits are the defaults: 2 minutes, 2 GB of memory, source under 256 kB.
+Starting the sandbox costs about 50 ms a grading (one Python start-up); `prestart=N` keeps N
+sandboxes started in advance (each waits, limits set and network gone, for its one payload;
+each still serves one grading only), which leaves about 10 ms.
 `image_tag` is accepted and ignored: the grader runs with this server's Python and packages.
 """
 
 from __future__ import annotations
 
 import ast
+import atexit
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +59,7 @@ class PythonLimits:
     file_mb: int = 1024  # the largest file the grader may write (the hosted disk: 1 GB)
     stderr_tail: int = 2000  # characters of stderr kept for error details
     network_namespace: bool = True  # try a new network namespace (False: the in-Python block alone, as where none can be made)
+    prestart: int = 0  # sandboxes kept started in advance for these limits (saves the start, ~45 ms, per grading)
 
 
 DEFAULT_LIMITS = PythonLimits()
@@ -204,40 +211,137 @@ def run(source: str, sample: dict[str, Any], item: Any, limits: PythonLimits = D
         GradingFailure: the grader timed out, failed, returned a non-number, or the sandbox failed.
     """
     try:
-        payload = json.dumps({"source": source, "sample": sample, "item": item}, allow_nan=False).encode()
+        payload = json.dumps({"source": source, "sample": sample, "item": {} if item is None else item},
+                             allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise GradingFailure("other_error", f"the sample or item cannot be passed to a python grader: {exc}") from None
-    child_limits = json.dumps({"memory": max(64, limits.memory_mb) << 20, "cpu": int(math.ceil(limits.timeout_s)) + 1,
-                               "fsize": max(1, limits.file_mb) << 20, "netns": limits.network_namespace})
-    with tempfile.TemporaryDirectory(prefix="finesmith-grader-") as home, \
-            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        env = {**BASE_ENV, "HOME": home, "TMPDIR": home}
-        try:
-            process = subprocess.Popen([sys.executable, "-I", "-c", BOOTSTRAP, child_limits], stdin=subprocess.PIPE,
-                                       stdout=out, stderr=err, cwd=home, env=env, start_new_session=True,
-                                       close_fds=True)
-        except OSError as exc:
-            raise GradingFailure("python_grader_server_error", f"could not start the python grader: {exc}",
-                                 python_grader_server_error_type="start_failed") from None
-        timed_out = False
-        try:
-            process.communicate(payload, timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            _kill_group(process)
-            process.wait()
+    box = _take(limits)
+    try:
+        timed_out = box.finish(payload, limits.timeout_s)
         if timed_out:
             raise GradingFailure("unresponsive_reward_error",
                                  f"grade() did not return within {limits.timeout_s:g} s (the wall-time limit)",
                                  python_grader_runtime_error_details=f"TimeoutError: grade() did not return "
                                  f"within {limits.timeout_s:g} s")
-        out.seek(0)
-        raw = out.read(1 << 20)
-        err.seek(0, os.SEEK_END)
-        err.seek(max(0, err.tell() - 4 * limits.stderr_tail))
-        stderr = err.read().decode("utf-8", "replace")[-limits.stderr_tail:]
-    return _answer(raw, process.returncode, stderr, limits)
+        raw, stderr = box.read(limits.stderr_tail)
+        code = box.process.returncode
+    finally:
+        box.close()
+    return _answer(raw, code, stderr, limits)
+
+
+class _Sandbox:
+    """One sandbox process, started and waiting (in the bootstrap) for its one payload."""
+
+    def __init__(self, limits: PythonLimits) -> None:
+        child_limits = json.dumps({"memory": max(64, limits.memory_mb) << 20, "cpu": cpu_seconds(limits),
+                                   "fsize": max(1, limits.file_mb) << 20, "netns": limits.network_namespace})
+        self.home = tempfile.mkdtemp(prefix="finesmith-grader-")
+        self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        env = {**BASE_ENV, "HOME": self.home, "TMPDIR": self.home}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-c", BOOTSTRAP, child_limits], stdin=subprocess.PIPE, stdout=self.out,
+                stderr=self.err, cwd=self.home, env=env, start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self._cleanup()
+            raise GradingFailure("python_grader_server_error", f"could not start the python grader: {exc}",
+                                 python_grader_server_error_type="start_failed") from None
+
+    def finish(self, payload: bytes, timeout: float) -> bool:
+        """Send the payload and wait for the process to end; True when it ran out of time (then killed)."""
+        try:
+            self.process.communicate(payload, timeout=timeout)
+            return False
+        except subprocess.TimeoutExpired:
+            return True
+        finally:
+            _kill_group(self.process)
+            self.process.wait()
+
+    def read(self, tail: int) -> tuple[bytes, str]:
+        """The answer the bootstrap wrote, and the last `tail` characters of stderr."""
+        self.out.seek(0)
+        raw = self.out.read(1 << 20)
+        self.err.seek(0, os.SEEK_END)
+        self.err.seek(max(0, self.err.tell() - 4 * tail))
+        return raw, self.err.read().decode("utf-8", "replace")[-tail:]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        """End the process group (if still there) and remove its files."""
+        if self.process.poll() is None:
+            _kill_group(self.process)
+            self.process.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self.out.close()
+        self.err.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+# ---- started-in-advance sandboxes (PythonLimits.prestart) --------------------------------------
+
+_spares: dict[PythonLimits, list[_Sandbox]] = {}
+_refilling: set[PythonLimits] = set()
+_spares_lock = threading.Lock()
+
+
+def _take(limits: PythonLimits) -> _Sandbox:
+    """A sandbox for one grading: a spare started in advance when `limits.prestart` asks for
+    them (and one is ready), else a new one."""
+    if limits.prestart <= 0:
+        return _Sandbox(limits)
+    box = None
+    with _spares_lock:
+        spares = _spares.setdefault(limits, [])
+        while spares and box is None:
+            candidate = spares.pop()
+            if candidate.alive():
+                box = candidate
+            else:
+                candidate.close()
+        if limits not in _refilling:
+            _refilling.add(limits)
+            threading.Thread(target=_refill, args=(limits,), name="grader-sandbox-refill", daemon=True).start()
+    return box if box is not None else _Sandbox(limits)
+
+
+def _refill(limits: PythonLimits) -> None:
+    try:
+        while True:
+            with _spares_lock:
+                if len(_spares.get(limits, [])) >= limits.prestart:
+                    return
+            try:
+                box = _Sandbox(limits)
+            except GradingFailure:
+                return
+            with _spares_lock:
+                _spares.setdefault(limits, []).append(box)
+    finally:
+        with _spares_lock:
+            _refilling.discard(limits)
+
+
+def close_spares() -> None:
+    """End every sandbox started in advance (at exit; a later grading starts new ones)."""
+    with _spares_lock:
+        boxes = [box for spares in _spares.values() for box in spares]
+        _spares.clear()
+    for box in boxes:
+        box.close()
+
+
+atexit.register(close_spares)
+
+
+def cpu_seconds(limits: PythonLimits) -> int:
+    """The CPU-time limit: the wall limit on two cores (the hosted graders' CPU share), + 1 s."""
+    return int(math.ceil(2 * limits.timeout_s)) + 1
 
 
 def _answer(raw: bytes, code: int, stderr: str, limits: PythonLimits) -> float:
@@ -261,7 +365,7 @@ def _answer(raw: bytes, code: int, stderr: str, limits: PythonLimits) -> float:
         sig = -code
         if sig == signal.SIGXCPU:
             raise GradingFailure("unresponsive_reward_error", f"the grader used more than its CPU-time limit "
-                                 f"({math.ceil(limits.timeout_s) + 1} s)",
+                                 f"({cpu_seconds(limits)} s)",
                                  python_grader_runtime_error_details="TimeoutError: CPU-time limit")
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         detail = "MemoryError" if "MemoryError" in stderr else f"killed by {name}"
