@@ -6,6 +6,9 @@ of `http`); `serve` loads the models and runs uvicorn. Errors use OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with matching status codes, so standard
 clients report them properly. SIGTERM or Ctrl-C stops taking requests, fails the ones still
 waiting, gives the running one a short grace and exits.
+
+Every request passes `finesmith.serve.http.RequestGuard` first (Host, Origin and body type:
+what a web page on another site could make a browser send is refused), then the API key.
 """
 
 from __future__ import annotations
@@ -139,8 +142,8 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
     if jobs:  # before loading anything: a second server on this home must not train its jobs again
         from finesmith.serve.store import home, lock_home
 
-        os.umask(0o077)  # the home, its database, uploads and runs (and the workers') are this user's only
         home_lock = lock_home(home())
+        os.umask(0o077)  # the home, its database, uploads and runs (and the workers') are this user's only
     registry = ModelRegistry(queue_size, precision)
     names = [registry.add(spec) for spec in specs]
     registry.engine(names[0])  # a model that cannot load fails now, not on the first request
