@@ -464,3 +464,24 @@ def test_sandboxes_started_in_advance_serve_one_grading_each() -> None:
         assert grade(python(GOOD), "42", {"reference": "42"}, limits=warm).reward == 1.0
     finally:
         close_spares()
+
+
+def test_where_namespaces_can_be_made_the_grader_sees_no_other_process_and_leaves_none() -> None:
+    from finesmith.graders.python_grader import _netns_available
+
+    if not _netns_available():
+        pytest.skip("this machine cannot make namespaces (needs root or unprivileged user namespaces)")
+    marker = f"finesmith-grader-daemon-{time.monotonic_ns()}"
+    source = ("import os, subprocess, sys\ndef grade(sample, item):\n"
+              "    assert os.getpid() == 1 and [p for p in os.listdir('/proc') if p.isdigit()] == ['1']\n"
+              "    caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0]\n"
+              "    assert os.geteuid() != 0 or caps.split()[1] == '0000000000000000', caps\n"
+              f"    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', '{marker}'],\n"
+              "                     start_new_session=True)  # tries to outlive the grading\n"
+              "    return 1.0\n")
+    result = grade(python(source), "x", {}, limits=FAST)
+    assert result.ok, result.message
+    time.sleep(0.3)
+    import subprocess
+
+    assert marker not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

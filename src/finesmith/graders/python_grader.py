@@ -11,8 +11,15 @@ process group is killed at the end), and in the child, before the user's code ru
   or a new user + network namespace where that is allowed unprivileged). Either way, socket
   creation, connect, bind and name lookups are refused inside Python (an audit hook and
   `socket` functions that raise); where no namespace could be made, starting other programs
-  (subprocess, os.system, os.exec*, os.posix_spawn) is refused as well, since a program started
-  outside Python would not meet the in-Python block;
+  (subprocess, os.system, os.exec*, os.posix_spawn, os.fork) is refused as well, since a
+  program started outside Python would not meet the in-Python block;
+- where it can (root, or unprivileged user namespaces), the child also makes a new PID and
+  mount namespace and runs the grader as its process 1 with its own /proc: the grader sees and
+  can signal no other process, and anything it starts is killed when it ends (daemons too);
+- run as root, the child gives up every capability (bounding set emptied, no_new_privs), so it
+  cannot leave the namespaces, mount, trace, or override file permissions. It keeps root's
+  uid, though (files root owns stay readable to it): run the server as a dedicated user when
+  graders come from people you do not trust;
 - `print` output goes to stderr, which is kept (its tail) for error messages, never parsed.
 
 The parent waits at most `timeout_s` (wall time) and then kills the process group. A grader
@@ -110,18 +117,19 @@ def answer(obj):
         data = data[os.write(answer_fd, data):]
     os._exit(0)
 
-netns = False
-try:
-    if not limits["netns"]:
-        raise OSError("network namespace not wanted")
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET
-        netns = True
-    elif libc.unshare(0x10000000 | 0x40000000) == 0:  # CLONE_NEWUSER | CLONE_NEWNET
-        netns = True
-except Exception:
-    pass
+netns = pidns = False
+libc = None
+NEWNS, NEWUSER, NEWPID, NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+if limits["netns"]:
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        for flags in (NEWNET | NEWPID | NEWNS, NEWUSER | NEWNET | NEWPID | NEWNS, NEWNET, NEWUSER | NEWNET):
+            if libc.unshare(flags) == 0:
+                netns, pidns = True, bool(flags & NEWPID)
+                break
+    except Exception:
+        pass
 
 import resource
 def cap(kind, soft, hard=None):
@@ -137,6 +145,44 @@ cap(resource.RLIMIT_AS, limits["memory"])
 cap(resource.RLIMIT_CPU, limits["cpu"], limits["cpu"] + 1)
 cap(resource.RLIMIT_FSIZE, limits["fsize"])
 cap(resource.RLIMIT_CORE, 0)
+
+if pidns:
+    # the grader runs as process 1 of a new PID namespace: it cannot see or signal this machine's
+    # processes, and whatever it starts ends with it (the kernel kills a namespace whose process 1 ends)
+    import signal
+    child = os.fork()
+    if child:
+        os.close(answer_fd)
+        os.close(0)
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            os.kill(os.getpid(), os.WTERMSIG(status))
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    try:  # a /proc of the new namespace, in a private mount namespace (nothing propagates out)
+        MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x4000, 0x40000, 0x2, 0x4, 0x8
+        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+            libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    except Exception:
+        pass
+
+if os.geteuid() == 0 and libc is not None:
+    # root: give up every capability (and the power to regain them), so the grader cannot undo the
+    # namespaces (setns needs CAP_SYS_ADMIN), mount, trace, or override file permissions
+    try:
+        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+        for number in range(64):
+            libc.prctl(24, number, 0, 0, 0)  # PR_CAPBSET_DROP
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+        data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (x2): none
+        libc.capset(header, data)
+    except Exception:
+        pass
 
 import socket, _socket
 NO_NET = "network access is disabled for python graders"
@@ -194,7 +240,7 @@ try:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         answer({"ok": False, "kind": "runtime",
                 "error": f"grade returned {type(value).__name__}, not a number (int or float)"})
-    answer({"ok": True, "value": float(value), "netns": netns})
+    answer({"ok": True, "value": float(value), "netns": netns, "pidns": pidns})
 except BaseException as exc:
     answer({"ok": False, "kind": "runtime", "error": one_line(exc)})
 '''
