@@ -435,19 +435,20 @@ def _kill_group(process: subprocess.Popen) -> None:
         pass
 
 
-def sandbox_report(limits: PythonLimits | None = None) -> dict[str, Any]:
-    """What the sandbox enforces here, measured: whether a network namespace could be made,
-    and the wall time of a trivial grading (the per-call overhead)."""
+def sandbox_report(limits: PythonLimits | None = None, calls: int = 5) -> dict[str, Any]:
+    """What the sandbox enforces on this machine, measured: whether the network (and PID)
+    namespaces can be made, and the median wall time of a trivial grading (the per-call cost)."""
     limits = limits or PythonLimits(timeout_s=10.0)
-    probe = ("import ctypes, os\n"
-             "def grade(sample, item):\n"
-             "    return 1.0 if os.path.exists('/proc/self/ns/net') else 0.5\n")
-    start = time.perf_counter()
-    run(probe, {"output_text": ""}, {}, limits)
-    overhead = time.perf_counter() - start
-    netns = _netns_available()
-    return {"network_namespace": netns, "overhead_s": overhead, "timeout_s": limits.timeout_s,
-            "memory_mb": limits.memory_mb}
+    probe = "import os\ndef grade(sample, item):\n    return 1.0 if os.getpid() == 1 else 0.0\n"
+    times, own_pids = [], 0.0
+    for _ in range(max(1, calls)):
+        start = time.perf_counter()
+        own_pids = run(probe, {"output_text": ""}, {}, limits)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"network_namespace": _netns_available() and limits.network_namespace,
+            "pid_namespace": own_pids == 1.0, "overhead_s": times[len(times) // 2],
+            "timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb, "cpu_s": cpu_seconds(limits)}
 
 
 def _netns_available() -> bool:
