@@ -112,6 +112,21 @@ def test_run_needs_a_string_model_sample(client: TestClient) -> None:
     assert response.status_code == 400 and response.json()["error"]["param"] == "model_sample"
 
 
+def test_judge_names_come_from_a_registry_per_request() -> None:
+    class Registry:
+        served = ["a"]
+
+        def names(self):
+            return list(self.served)
+
+    registry = Registry()
+    client = TestClient(make_app(chat=judge, models=registry))
+    grader = {"type": "score_model", "name": "j", "model": "b", "input": [{"role": "user", "content": "x"}]}
+    assert client.post(VALIDATE, json={"grader": grader}).status_code == 400
+    registry.served.append("b")
+    assert client.post(VALIDATE, json={"grader": grader}).status_code == 200
+
+
 def test_model_graders_are_refused_without_a_judge() -> None:
     bare = TestClient(make_app())
     grader = {"type": "label_model", "name": "l", "model": "m", "input": [{"role": "user", "content": "x"}],

@@ -12,13 +12,14 @@ Grading runs off the event loop (a python grader's sandboxed process, a judge's 
 `add_grader_routes(app, chat=None, *, models=None, embed=None, limits=None)`: `chat(model,
 messages, sampling) -> text` runs the judge of model graders (None: model graders are refused
 at validation); `models`: the names a judge may have (a collection, or a function returning
-one, called per request; None: any); `embed`: the embedding function of `cosine` similarity.
+one, called per request, or the server's ModelRegistry, whose `names()` is asked per request;
+None: any); `embed`: the embedding function of `cosine` similarity; `limits`: the python
+graders' sandbox limits (the hosted ones by default: 2 minutes, 2 GB).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,13 +50,13 @@ class ValidateBody(BaseModel):
 
 
 def add_grader_routes(app: FastAPI, chat: Chat | None = None, *,
-                      models: Collection[str] | Callable[[], Collection[str]] | None = None,
+                      models: Any = None,
                       embed: Embed | None = None, limits: PythonLimits | None = None) -> None:
     """Add the run and validate routes to `app` (see the module docstring)."""
     python_limits = limits or DEFAULT_LIMITS
 
     def checked(grader: dict[str, Any]) -> dict[str, Any]:
-        names = models() if callable(models) else models
+        names = models.names() if hasattr(models, "names") else models() if callable(models) else models
         try:
             normalized = validate(grader, models=set(names) if names is not None else None, embed=embed)
         except GraderError as exc:
