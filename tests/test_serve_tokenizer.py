@@ -56,3 +56,14 @@ def test_lm_evals_remote_tokenizer_probe_accepts_the_server(client):
     assert isinstance(info, dict) and "eos_token" in info
     tokens = client.post("/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()["tokens"]
     assert isinstance(tokens, list) and tokens
+
+
+def test_the_api_key_guards_the_tokenizer_endpoints_too(engine):
+    keyed = TestClient(build_app(engine, "k3y"), base_url="http://127.0.0.1:8000")
+    for method, path, body in [("get", "/tokenizer_info", None), ("post", "/tokenize", {"prompt": "x"}),
+                               ("post", "/detokenize", {"tokens": [1]})]:
+        refused = getattr(keyed, method)(path, **({"json": body} if body else {}))
+        assert refused.status_code == 401, path
+        allowed = getattr(keyed, method)(path, headers={"Authorization": "bearer k3y"},
+                                         **({"json": body} if body else {}))
+        assert allowed.status_code == 200, (path, allowed.text)

@@ -133,14 +133,19 @@ def strip_paths(text: str, *roots: Any) -> str:
     return _PATH.sub(r"\1", text)
 
 
+KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # what the API key guards
+
+
 class RequireKey:
-    """ASGI middleware: every `/v1` request needs `Authorization: Bearer <api_key>`."""
+    """ASGI middleware: every `/v1` request (and the tokenizer endpoints) needs
+    `Authorization: Bearer <api_key>`."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        path = scope["path"]
+        if scope["type"] == "http" and (path == "/v1" or path.startswith(KEYED_PATHS)):
             if not secrets.compare_digest(bearer_token(dict(scope["headers"]).get(b"authorization", b"")),
                                           self.expected):
                 error = APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
