@@ -476,5 +476,19 @@ def _put_adapter(model: Any, folder: str) -> Any:
         return PeftModel.from_pretrained(model, folder)
 
 
-__all__ = ["METHODS", "Method", "apply_method", "check_method_supported", "count_parameters", "get_method",
+def attach_adapter(model: Any, folder: str, name: str) -> Any:
+    """Add the PEFT adapter in `folder` to `model` under `name`, unmerged, for inference: a plain
+    model becomes a PeftModel around the same base (nothing copied), a PeftModel gains one more
+    adapter. The adapter takes the dtype of the base layers it sits on. Returns the PeftModel."""
+    from peft import PeftModel
+
+    with quiet_expert_rank_warning():
+        if not hasattr(model, "peft_config"):
+            model = PeftModel.from_pretrained(model, folder, adapter_name=name, autocast_adapter_dtype=False)
+        else:
+            model.load_adapter(folder, adapter_name=name, autocast_adapter_dtype=False)
+    return model.eval()
+
+
+__all__ = ["METHODS", "Method", "apply_method", "attach_adapter", "check_method_supported", "count_parameters", "get_method",
            "load_base_model", "load_for_inference", "method_of", "resolve_model_path"]

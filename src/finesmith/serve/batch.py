@@ -13,6 +13,12 @@ one are untouched. A row that asks for log-probabilities gets, per generated tok
 log-softmax of the model's raw logits (temperature 1, before any mask) and the `top` most
 likely tokens. A row whose own work fails (its grammar, its sampler) ends with reason
 `error` and its exception; the other rows go on.
+
+Rows may run on different LoRA adapters of one shared base (`finesmith.serve.adapters`): a
+row's `adapter` names its adapter in the PEFT model (`__base__` for the base alone) and every
+forward pass, the prefill and each decode step, passes the live rows' names as peft's
+`adapter_names`, so one batch mixes fine-tunes. A row may also bring its own tokenizer and
+stop tokens (fine-tunes of one base may have saved different chat templates).
 """
 
 from __future__ import annotations
@@ -46,6 +52,16 @@ class Row:
     grammar: Any = None  # a `finesmith.serve.constrain.Matcher`: allowed tokens, and when it is complete
     records: list[TokenLogprob] = field(default_factory=list)  # per generated token, when `logprobs` is set
     error: BaseException | None = None
+    adapter: str | None = None  # the row's adapter in a shared PEFT model (`__base__`: none); None: no routing
+    tokenizer: Any = None  # decodes this row's tokens (default: the batch's)
+    stop_ids: set[int] | None = None  # this row's end-of-turn tokens (default: the batch's)
+
+
+def routing(adapters: list[str | None]) -> dict[str, Any]:
+    """The forward keyword that routes each row to its adapter, or nothing when no row is routed."""
+    if all(a is None for a in adapters):
+        return {}
+    return {"adapter_names": [a or "__base__" for a in adapters]}
 
 
 @dataclass(frozen=True)
@@ -71,12 +87,13 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 PROMPT_CHUNK = 512  # prompt positions scored per forward pass: bounds the logits held at once
 
 
-def prompt_logprobs(model: Any, prompt: list[int], top: int, last: list[torch.Tensor] | None = None
-                    ) -> list[TokenLogprob]:
+def prompt_logprobs(model: Any, prompt: list[int], top: int, last: list[torch.Tensor] | None = None,
+                    adapter: str | None = None) -> list[TokenLogprob]:
     """Every prompt token's log-probability given the tokens before it (the first token has
     none): the prompt alone, run in chunks of `PROMPT_CHUNK` positions over a KV cache, so a
     long prompt never holds all its positions' full-vocabulary logits at once. With `last`,
-    the logits after the whole prompt (for its first new token) are appended to it."""
+    the logits after the whole prompt (for its first new token) are appended to it; `adapter`
+    routes the prompt to one adapter of a shared PEFT model."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -90,7 +107,7 @@ def prompt_logprobs(model: Any, prompt: list[int], top: int, last: list[torch.Te
             end = min(stop, len(prompt) - 1)  # positions start..end-1 score tokens start+1..end
             positions = torch.arange(start, stop, device=device).unsqueeze(0)
             logits = model(input_ids=ids[:, start:stop], position_ids=positions, use_cache=True,
-                           **{kw: cache}).logits[0]
+                           **{kw: cache}, **routing([adapter])).logits[0]
             if stop == len(prompt):
                 last.append(logits[-1])
                 logits = logits[:end - start]
@@ -166,7 +183,7 @@ def decode_batch(model: Any, tokenizer: Any, rows: list[Row], stop_ids: set[int]
     live = list(range(len(rows)))
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+                       logits_to_keep=1, **{cache_kw: cache}, **routing([r.adapter for r in rows])).logits[:, -1]
         while True:
             limit = deadline()
             interrupted = limit is not None and time.monotonic() > limit
@@ -179,7 +196,8 @@ def decode_batch(model: Any, tokenizer: Any, rows: list[Row], stop_ids: set[int]
                     row.reason = "cancelled"
                 else:
                     try:
-                        row.reason = step(tokenizer, row, choose(logits[slot], row), stop_ids)
+                        row.reason = step(row.tokenizer or tokenizer, row, choose(logits[slot], row),
+                                          stop_ids if row.stop_ids is None else row.stop_ids)
                     except Exception as exc:  # this row's own failure (its grammar, its sampler) ends it alone
                         row.reason, row.error = "error", exc
                 if row.reason is None:
@@ -196,7 +214,7 @@ def decode_batch(model: Any, tokenizer: Any, rows: list[Row], stop_ids: set[int]
             positions = positions[:, -1:] + 1
             step_ids = torch.tensor(last, device=device).unsqueeze(1)
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           **{cache_kw: cache}).logits[:, -1]
+                           **{cache_kw: cache}, **routing([rows[i].adapter for i in live])).logits[:, -1]
 
 
 def step(tokenizer: Any, row: Row, token: int, stop_ids: set[int]) -> str | None:

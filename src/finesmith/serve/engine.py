@@ -368,8 +368,11 @@ class ChatEngine:
                 if not self._waiting:
                     return
                 batch: list[Generation] = []
+                passed: list[Generation] = []  # requests that must wait for a later batch
                 while self._waiting and len(batch) < self.max_batch:
-                    batch.append(self._waiting.popleft())
+                    g = self._waiting.popleft()
+                    (batch if not batch or self._fits(batch, g) else passed).append(g)
+                self._waiting.extendleft(reversed(passed))
                 self._running = batch
                 self.counts["largest_batch"] = max(self.counts["largest_batch"], len(batch))
                 for g in batch:
@@ -401,13 +404,26 @@ class ChatEngine:
                 reason, _, error = results[id(g)]
                 g._finish(reason, error)
 
+    def _fits(self, batch: list[Generation], generation: Generation) -> bool:
+        """Whether `generation` may join `batch` (a shared base limits the adapters one batch holds)."""
+        return True
+
+    def _adapter_for(self, generation: Generation) -> str | None:
+        """The adapter a request runs on in this engine's model; None: the model as it is."""
+        return None
+
     def _run(self, generations: list[Generation]) -> dict[int, tuple[str, BaseException | None]]:
         """Generate for a batch of requests, pushing each one's text as it decodes; their finish
-        reasons (`error` with its exception for a request whose own set-up or decoding failed)."""
+        reasons (`error` with its exception for a request whose own set-up or decoding failed).
+
+        A request's tokenizer, stop tokens and grammar come from the engine it was made by
+        (`g.engine`: this one, or a fine-tune's view of a shared base), its adapter from
+        `_adapter_for`."""
         from finesmith.serve.batch import Row, choose, decode_batch, prompt_logprobs, row_generator, step
 
         rows, done, scanners, outcome = [], [], {}, {}
         for g in generations:
+            served, adapter = g.engine, self._adapter_for(g)
             try:
                 scanner = StopScanner(g.sampling.stop)
 
@@ -418,12 +434,13 @@ class ChatEngine:
 
                 last: list[torch.Tensor] = []  # an echo row's next-token logits, from its own forward
                 if g.sampling.echo:
-                    g.prompt_records = prompt_logprobs(self.model, g.prompt, g.sampling.logprobs or 0, last)
-                grammar = (self.grammar_tokenizer().matcher(g.sampling.grammar)
+                    g.prompt_records = prompt_logprobs(self.model, g.prompt, g.sampling.logprobs or 0, last, adapter)
+                grammar = (served.grammar_tokenizer().matcher(g.sampling.grammar)
                            if g.sampling.grammar is not None else None)
                 row = Row(g.prompt, self.token_budget(g.prompt, g.sampling.max_tokens), g.sampling.temperature,
                           g.sampling.top_p, row_generator(g.sampling.seed, self.device), emit, g.cancelled.is_set,
-                          logprobs=g.sampling.logprobs, grammar=grammar)
+                          logprobs=g.sampling.logprobs, grammar=grammar, adapter=adapter,
+                          tokenizer=served.tokenizer, stop_ids=set(served.stop_ids))
                 row.records = g.records  # shared: a streaming reader sees each token's entry as it comes
             except Exception as exc:  # one request's bad set-up fails that request only
                 outcome[id(g)] = ("error", exc)
@@ -431,7 +448,7 @@ class ChatEngine:
             scanners[id(g)] = scanner
             if row.budget == 1 and last:  # lm-eval's loglikelihood (echo, max_tokens 1): its one token is ready
                 try:
-                    row.reason = step(self.tokenizer, row, choose(last[0], row), set(self.stop_ids)) or "length"
+                    row.reason = step(row.tokenizer, row, choose(last[0], row), row.stop_ids) or "length"
                 except Exception as exc:
                     row.reason, row.error = "error", exc
                 done.append((g, row))

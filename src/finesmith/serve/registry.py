@@ -1,8 +1,14 @@
 """The models one server serves: base models named on the command line, each fine-tuned
 model a job has produced, under its `ft:` name, and each of a job's checkpoints under
 `ft:...:ckpt-step-N`, as `GET /v1/fine_tuning/jobs/{id}/checkpoints` names them. A model is
-loaded on its first request (in a thread, so the event loop goes on) and keeps its own
-generation worker. A checkpoint that training has since rotated away drops out of the list.
+loaded on its first request (in a thread, so the event loop goes on). A checkpoint that
+training has since rotated away drops out of the list.
+
+LoRA runs and checkpoints of one base, and that base itself, share one loaded model and one
+generation worker (`finesmith.serve.adapters`): each name is a view that routes its requests
+to its adapter, adapters load on first use and at most `max_adapters` stay loaded (least
+recently used dropped). Every other model (full-weight runs, exported models, `.gguf` files,
+adapters that cannot be mixed in a batch) loads as its own engine with its own worker.
 """
 
 from __future__ import annotations
@@ -10,14 +16,18 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from finesmith.serve.adapters import DEFAULT_MAX_ADAPTERS, SharedBase, load_shared_base, shared_spec
 from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine, load_engine, served_name
 
 
 class ModelRegistry:
-    """Name → model spec, and the engines loaded so far."""
+    """Name → model spec, and the engines loaded so far (`max_adapters` 0: no shared bases, every
+    fine-tune merged into its own model)."""
 
-    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto") -> None:
-        self.queue_size, self.precision = queue_size, precision
+    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto",
+                 max_adapters: int = DEFAULT_MAX_ADAPTERS) -> None:
+        self.queue_size, self.precision, self.max_adapters = queue_size, precision, max_adapters
+        self.bases: dict[tuple[str, int], SharedBase] = {}  # one per loaded base that adapters share
         self.specs: dict[str, str] = {}
         self.owners: dict[str, str] = {}
         self.engines: dict[str, ChatEngine] = {}
@@ -74,15 +84,36 @@ class ModelRegistry:
             with self._lock:
                 if name in self.engines:
                     return self.engines[name]
-            engine = load_engine(self.spec(name), queue_size=self.queue_size, precision=self.precision)
-            engine.name = name
+            engine = self._load(name, self.spec(name))
             with self._lock:
                 self.engines[name] = engine
             return engine
 
-    def loaded(self) -> list[ChatEngine]:
+    def _load(self, name: str, spec: str) -> ChatEngine:
+        shared = shared_spec(spec) if self.max_adapters > 0 else None
+        if shared is None:
+            engine = load_engine(spec, queue_size=self.queue_size, precision=self.precision)
+            engine.name = name
+            return engine
+        from finesmith.model.load import load_chat_tokenizer
+
         with self._lock:
-            return list(self.engines.values())
+            loading = self._loading.setdefault(f"base:{shared.key}", threading.Lock())
+        with loading:  # one load per base, whichever of its fine-tunes asks first
+            with self._lock:
+                base = self.bases.get(shared.key)
+            if base is None:
+                base = load_shared_base(shared, served_name(shared.base), self.queue_size, self.precision,
+                                        self.max_adapters)
+                with self._lock:
+                    self.bases[shared.key] = base
+        return base.view(name, load_chat_tokenizer(shared.tokenizer)[0], shared.adapter)
+
+    def loaded(self) -> list[ChatEngine]:
+        """The engines that own a model and a worker (a shared base once, however many names it serves)."""
+        with self._lock:
+            engines = [getattr(e, "core", e) for e in self.engines.values()]
+        return list({id(e): e for e in engines}.values())
 
     def close(self) -> None:
         for engine in self.loaded():
