@@ -93,6 +93,7 @@ class GRPOSettings:
     iterations: int = 1  # optimizer steps per batch of samples (above 1, clipping acts)
     scale_rewards: bool = True  # divide advantages by the group's reward std
     reward_timeout: float = 60.0  # seconds one reward call may take (rewards run in their own process)
+    grader_errors: str = "fail"  # grader rewards: fail (stop the run, one line) | zero (score 0, as hosted RFT)
 
 
 @dataclass
@@ -164,8 +165,9 @@ class TrainConfig:
     full: FullSettings = field(default_factory=FullSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     preference: PreferenceSettings = field(default_factory=PreferenceSettings)
-    # objective grpo: reward functions, "path/module.py:function" or exact_match | regex:PATTERN | length:MIN-MAX
-    reward: list[str] | str = field(default_factory=list)
+    # objective grpo: reward functions, "path/module.py:function" or exact_match | regex:PATTERN | length:MIN-MAX,
+    # or grader objects of the hosted graders API ({type: string_check, ...}; see finesmith.train.rewards)
+    reward: list[str | dict[str, Any]] | str | dict[str, Any] = field(default_factory=list)
     reward_weights: list[float] = field(default_factory=list)  # one per reward (default 1 each)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
@@ -205,6 +207,15 @@ class TrainConfig:
                     raise FinesmithError(f"config: `grpo.{key}` must be {need}, got {getattr(g, key)}")
             if self.packing:
                 raise FinesmithError("config: objective grpo samples answers per prompt; set packing: false")
+            _choice("grpo.grader_errors", g.grader_errors, ("fail", "zero"))
+        if isinstance(self.reward, dict):
+            self.reward = [self.reward]  # one grader object: a list of one, as every reader expects
+        if isinstance(self.reward, list) and any(isinstance(r, dict) for r in self.reward):
+            from finesmith.train.rewards import check_grader
+
+            for i, spec in enumerate(self.reward):
+                if isinstance(spec, dict):
+                    check_grader(spec, f"config: reward[{i}]" if len(self.reward) > 1 else "config: reward")
         if not 0 <= self.preference.label_smoothing < 0.5:
             raise FinesmithError(f"config: `preference.label_smoothing` must be in [0, 0.5), got "
                                  f"{self.preference.label_smoothing}")
@@ -395,11 +406,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             item = (typing.get_args(option) or (str,))[0]
             if item is str and all(isinstance(v, str) for v in value):
                 return value
+            if str(item) == "str | dict[str, typing.Any]" and all(isinstance(v, (str, dict)) for v in value):
+                return list(value)  # reward specs: names of functions, or grader objects
             if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 return [float(v) for v in value]
         if typing.get_origin(option) is dict and isinstance(value, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             return dict(value)
+        if option == dict[str, Any] and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)  # a grader object
         if option is bool and isinstance(value, bool):
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))

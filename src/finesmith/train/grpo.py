@@ -55,15 +55,59 @@ class PromptExample:
         return len(self.prompt_ids)
 
 
+def is_prompt_row(row: Any) -> bool:
+    """A conversation that ends in a user turn (the hosted reinforcement fine-tuning shape):
+    `{"messages": [..., {"role": "user", ...}], <any other fields>}`."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    return (isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "user")
+
+
+def prompt_example(row: dict[str, Any], where: str) -> Any:
+    """The Example of a prompt row (`is_prompt_row`), checked as a conversation would be (roles,
+    order, content, tools) except that it ends in the user turn the model answers.
+
+    Raises:
+        FinesmithError: `where` and every problem found.
+    """
+    from finesmith.data.formats import Example, conversation_problems
+    from finesmith.data.tools import normalise_message, normalise_tools
+
+    tools, problems = normalise_tools(row.get("tools", row.get("functions")))
+    messages = [normalise_message(m, i, problems) for i, m in enumerate(row["messages"], start=1)]
+    answered = messages + [{"role": "assistant", "content": "-"}]  # the turn sampling adds
+    problems += conversation_problems(answered, tools)
+    if problems:
+        raise FinesmithError(f"{where}: " + "; ".join(problems))
+    return Example(tuple(messages), where, tools)
+
+
+def parse_prompt_records(path: str, fmt: str = "auto", fields: dict[str, str] | None = None) -> Any:
+    """`finesmith.data.formats.parse_records`, reading rows that end in a user turn as prompts
+    (their Example has no assistant turn) instead of refusing them."""
+    from finesmith.data.formats import apply_fields, parse_records
+
+    for record, example, problem in parse_records(path, fmt, fields):
+        row = apply_fields(record.row, fields or {}) if isinstance(record.row, dict) else None
+        if problem and fmt in ("auto", "chat") and is_prompt_row(row):
+            try:
+                yield record, prompt_example(row, record.where), None
+            except FinesmithError as exc:
+                yield record, None, str(exc)
+        else:
+            yield record, example, problem
+
+
 def load_prompts(tokenizer: Any, path: str, fmt: str = "auto", fields: dict[str, str] | None = None,
                  max_prompt_tokens: int = 1024) -> list[PromptExample]:
     """Prompts from any SFT-shaped file: the conversation up to its last assistant turn; that
-    turn (when present) is the `reference` field, the row's other columns are fields too."""
-    from finesmith.data.formats import Example, parse_records
+    turn (when present) is the `reference` field, the row's other columns are fields too.
+    Rows ending in a user turn (the hosted reinforcement shape) are prompts as they are."""
+    from finesmith.data.formats import Example
     from finesmith.data.tokenize import prompt_ids
 
     prompts = []
-    for record, example, problem in parse_records(path, fmt, fields):
+    for record, example, problem in parse_prompt_records(path, fmt, fields):
         if problem:
             raise FinesmithError(problem)
         if example is None:
@@ -143,6 +187,10 @@ class GRPO:
         if settings.beta > 0 and not hasattr(model, "disable_adapter"):
             raise FinesmithError("grpo.beta > 0 needs a reference model: use an adapter method (lora, ia3, qlora), "
                                  "whose reference is the base with the adapter disabled, or set grpo.beta: 0")
+        from finesmith.core.console import console
+        from finesmith.train.rewards import with_grader_settings
+
+        rewards = with_grader_settings(rewards, settings.reward_timeout, settings.grader_errors, console.print)
         self.model, self.tokenizer, self.settings, self.rewards = model, tokenizer, settings, rewards
         self.scorer = RewardScorer(rewards, settings.reward_timeout)  # user code: its own process, a timeout
         self.stop_ids = set(stop_token_ids(tokenizer))

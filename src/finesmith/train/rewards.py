@@ -12,6 +12,16 @@ every other column of the row. It returns a number. Built-ins:
 A function that raises, or returns something that is not a finite number, stops the run with
 one line naming the function and the example.
 
+A reward may also be a grader object of the hosted graders API (`finesmith.graders`), written
+inline: `reward: {type: string_check, name: exact, input: "{{ sample.output_text }}",
+reference: "{{ item.reference }}", operation: eq}` (or in a list with other rewards). It grades
+each completion as the sample and the row as the item (`item.<column>`, `item.reference`,
+`item.prompt`). Python graders run in their own sandbox per call, under `grpo.reward_timeout`
+seconds; a grading that fails (an error flag: timeout, memory, a socket, an exception) stops the
+run with one line naming the grader, what happened and the example (`grpo.grader_errors: fail`,
+the default), or scores 0 as the hosted service did (`grpo.grader_errors: zero`). Model graders
+(score_model, label_model) need a judge model and are refused here.
+
 Reward functions are user code. Those named in the config (files and built-ins alike) run in
 a separate process (`RewardScorer`, `python -m finesmith.train.rewards`), not in the training
 process: each call must return within `grpo.reward_timeout` seconds, or the run stops with one
@@ -23,6 +33,7 @@ run gives them a second, then ends the reward process; the step being sampled is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -53,6 +64,7 @@ class Reward:
     weight: float = 1.0
     isolated: bool = False  # named by a spec (`load_rewards`): called in the reward process, under the timeout
     base: str | None = None  # the folder a relative spec path is resolved against
+    grader: dict[str, Any] | None = None  # a grader object (validated): `with_grader_settings` sets its limits
 
     def __call__(self, prompt: str, completion: str, fields: dict[str, Any], source: str) -> float:
         arguments = {"prompt": prompt, "completion": completion, **fields}
@@ -61,6 +73,8 @@ class Reward:
             arguments = {k: v for k, v in arguments.items() if k in accepted}  # what the function takes
         try:
             value = self.function(**arguments)
+        except GradingFailed as exc:
+            raise GradingFailed(f"{exc} on {source}") from None
         except Exception as exc:
             raise FinesmithError(f"reward {self.name} failed on {source}: {type(exc).__name__}: {exc}; "
                                  "fix the function (it must return a number for every completion)") from None
@@ -94,11 +108,58 @@ def length_reward(low: int, high: int) -> Callable[..., float]:
     return lambda completion, **_: float(low <= len(completion.strip()) <= high)
 
 
-def load_rewards(specs: list[str], weights: list[float] | None = None, base: Path | None = None) -> list[Reward]:
-    """The reward functions `specs` name, with their weights (1 each by default).
+class GradingFailed(FinesmithError):
+    """A grader reward's grading failed and the run's policy is to stop (`grpo.grader_errors: fail`)."""
+
+
+def grader_reward(grader: dict[str, Any], weight: float = 1.0, timeout: float = 60.0,
+                  on_error: str = "fail", log: Callable[[str], None] | None = None) -> Reward:
+    """A Reward grading with `grader` (see the module docstring): python graders get `timeout`
+    seconds a call; a failed grading raises `GradingFailed` (`on_error: fail`) or scores 0 (`zero`,
+    reported to `log`)."""
+    from finesmith.graders import DEFAULT_LIMITS, reward_from_grader
+
+    def failed(message: str) -> None:
+        prefix = f"grader {grader['name']}:"
+        if message.startswith(prefix):  # name the grader's type too: "grader loop (python): ..."
+            message = f"grader {grader['name']} ({grader['type']}):{message[len(prefix):]}"
+        if on_error == "fail":
+            raise GradingFailed(message)
+        if log is not None:
+            log(f"{message}; scored 0")
+
+    limits = dataclasses.replace(DEFAULT_LIMITS, timeout_s=timeout)
+    reward = reward_from_grader(grader, weight=weight, limits=limits, on_error=failed)
+    return dataclasses.replace(reward, grader=reward.function.grader)
+
+
+def with_grader_settings(rewards: Sequence[Reward], timeout: float, on_error: str,
+                         log: Callable[[str], None] | None = None) -> list[Reward]:
+    """`rewards` with every grader reward rebuilt under these settings (the others as they are)."""
+    return [grader_reward(r.grader, r.weight, timeout, on_error, log) if r.grader is not None else r
+            for r in rewards]
+
+
+def check_grader(spec: Any, param: str) -> dict[str, Any]:
+    """A reward grader object, validated; model graders are refused (no judge in training).
 
     Raises:
-        FinesmithError: a spec that names no file, no function, or a bad built-in.
+        FinesmithError: the grader is invalid (naming the field), or calls a judge model.
+    """
+    from finesmith.graders import uses_models, validate
+
+    grader = validate(spec, param=param)
+    if uses_models(grader):
+        raise FinesmithError(f"{param}: score_model and label_model graders need a judge model, which training "
+                             "does not run; use string_check, text_similarity, python or multi graders")
+    return grader
+
+
+def load_rewards(specs: list[Any], weights: list[float] | None = None, base: Path | None = None) -> list[Reward]:
+    """The reward functions `specs` name (or grader objects), with their weights (1 each by default).
+
+    Raises:
+        FinesmithError: a spec that names no file, no function, or a bad built-in; an invalid grader.
     """
     if not specs:
         raise FinesmithError("objective grpo needs a reward: set `reward: rewards.py:function` (or a built-in: "
@@ -107,8 +168,15 @@ def load_rewards(specs: list[str], weights: list[float] | None = None, base: Pat
     if weights and len(weights) != len(specs):
         raise FinesmithError(f"config: `reward_weights` has {len(weights)} values for {len(specs)} rewards; "
                              "give one weight per reward")
-    return [Reward(spec, resolve(spec, base), weights[i] if weights else 1.0, isolated=True,
-                   base=str(base) if base is not None else None) for i, spec in enumerate(specs)]
+    out = []
+    for i, spec in enumerate(specs):
+        weight = weights[i] if weights else 1.0
+        if isinstance(spec, dict):
+            out.append(grader_reward(check_grader(spec, f"reward[{i}]" if len(specs) > 1 else "reward"), weight))
+        else:
+            out.append(Reward(spec, resolve(spec, base), weight, isolated=True,
+                              base=str(base) if base is not None else None))
+    return out
 
 
 def resolve(spec: str, base: Path | None = None) -> Callable[..., Any]:
