@@ -420,6 +420,10 @@ def add_export_and_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-upload-size", type=byte_size, default="512MB", metavar="SIZE",
                        help="largest training file /v1/files accepts, e.g. 200MB or 2GB (default 512MB, the "
                             "hosted API's limit); bigger uploads get HTTP 413")
+    serve.add_argument("--max-adapters", type=int, default=8, metavar="N",
+                       help="LoRA fine-tunes of one base are served from one loaded base with their adapters "
+                            "attached; at most N stay loaded (least recently used dropped, reloaded on demand; "
+                            "default 8; 0 merges every fine-tune into its own copy of the model)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -448,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.run, args.host, args.port, args.api_key, queue_size=args.queue_size, precision=args.precision,
           jobs=not args.no_jobs, runs=args.runs, allowed_hosts=args.allowed_host,
-          max_upload_bytes=args.max_upload_size)
+          max_upload_bytes=args.max_upload_size, max_adapters=args.max_adapters)
 
 
 def byte_size(text: str) -> int:

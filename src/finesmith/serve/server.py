@@ -113,7 +113,7 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
 def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           log: Any = print, queue_size: int = DEFAULT_QUEUE_SIZE, precision: str = "auto",
           jobs: bool = True, runs: list[str] | None = None, allowed_hosts: list[str] | None = None,
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_adapters: int = 8) -> None:
     """Serve models, and the fine-tuning jobs API, until SIGTERM or Ctrl-C (`finesmith serve`).
 
     Args:
@@ -130,6 +130,7 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
         allowed_hosts: more `Host` names to answer besides the bound address and loopback
             (`--allowed-host`); see `finesmith.serve.http.allowed_host_list`.
         max_upload_bytes: the largest file `/v1/files` takes (413 beyond).
+        max_adapters: LoRA adapters kept loaded on each shared base (`finesmith.serve.adapters`; 0: merge each).
     """
     specs = [specs] if isinstance(specs, str) else list(specs)
     if host not in LOOPBACK and not api_key:
@@ -144,7 +145,7 @@ def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api
 
         home_lock = lock_home(home())
         os.umask(0o077)  # the home, its database, uploads and runs (and the workers') are this user's only
-    registry = ModelRegistry(queue_size, precision)
+    registry = ModelRegistry(queue_size, precision, max_adapters)
     names = [registry.add(spec) for spec in specs]
     registry.engine(names[0])  # a model that cannot load fails now, not on the first request
     service = None
