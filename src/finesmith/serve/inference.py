@@ -400,7 +400,9 @@ class Reply:
         if g.sampling.logprobs is None:
             return None
         if records is None:
-            records = (list(g.prompt_records) if echo else []) + self.shown_records(g.records)
+            # the legacy shape lists every generated token, the end-of-text one too (as `<|endoftext|>`
+            # was): lm-eval's loglikelihood reads the prompt's entries as all but the last one
+            records = (list(g.prompt_records) if echo else []) + list(g.records)
             if not echo:
                 offset = len(self.tokenizer.decode(g.prompt, skip_special_tokens=False))
         return legacy_logprobs(records, self.token_text, offset)
@@ -456,8 +458,8 @@ class Reply:
             nonlocal sent, offset
             if generation.sampling.logprobs is None:
                 return None
-            records = self.shown_records(list(generation.records[sent:upto]))
-            sent += len(generation.records[sent:upto])
+            records = list(generation.records[sent:upto])
+            sent += len(records)
             out = self.legacy(generation, False, offset, records)
             offset += sum(len(t) for t in out["tokens"])
             return out
