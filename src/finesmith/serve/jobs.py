@@ -34,17 +34,28 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from finesmith.serve.registry import ModelRegistry
-from finesmith.serve.store import (CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, VALIDATING, Store,
-                                   new_id)
+from finesmith.serve.store import (CANCELLED, FAILED, FINAL, PAUSED, QUEUED, RUNNING, SUCCEEDED, VALIDATING,
+                                   Store, new_id)
 
 PURPOSE = "fine-tune"
-METHODS = ("supervised", "dpo")
+RESULTS_PURPOSE = "fine-tune-results"
+METHODS = ("supervised", "dpo", "reinforcement")
 HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
-                   "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta")}
-KIND_FOR_METHOD = {"supervised": ("chat", "text"), "dpo": ("preference",)}
+                   "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+                   "reinforcement": ("n_epochs", "batch_size", "learning_rate_multiplier", "compute_multiplier",
+                                     "eval_interval", "eval_samples", "reasoning_effort")}
+KIND_FOR_METHOD = {"supervised": ("chat", "text"), "dpo": ("preference",), "reinforcement": ("prompt", "chat")}
+SECTION_KEYS = ("hyperparameters", "grader", "finesmith")  # what `method.<type>` may hold
+EXTENSION_METHODS = ("lora", "full", "auto")  # `method.<type>.finesmith.method`
+# → the chat template's thinking switch (finesmith's `thinking`): a switch, not a budget, so low, medium and
+# high all turn thinking on; `minimal` (an extension) turns it off; `default` keeps the template's default
+REASONING_EFFORTS = {"default": "auto", "minimal": "off", "low": "on", "medium": "on", "high": "on"}
 STOP_WAIT_S = 60  # how long a worker may take to save its checkpoint and exit
 # The hosted API's ranges; beyond them a job would run for ever or train on nonsense.
-BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (0, 10), "beta": (0, 10)}
+BOUNDS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (0, 10), "beta": (0, 10),
+          "compute_multiplier": (0, 10), "eval_interval": (1, 100_000), "eval_samples": (1, 1)}
+WHOLE = ("n_epochs", "batch_size", "eval_interval", "eval_samples")
+MAX_METADATA = 16  # the hosted API's limits: 16 pairs, keys up to 64 characters, values up to 512
 MAX_SEED = 2**31 - 1
 MULTIPART_SLACK = 64 * 1024  # an upload's request may exceed its file by this much (boundaries, fields)
 
@@ -120,8 +131,8 @@ class JobService:
         if self.worker is not None:
             job = self.store.job(self.current)
             self.follow(job)
-            if job["cancel_requested"] and not self.signalled:
-                self.worker.send_signal(signal.SIGTERM)
+            if (job["cancel_requested"] or job["pause_requested"]) and not self.signalled:
+                self.worker.send_signal(signal.SIGTERM)  # the loop saves a checkpoint and exits 75
                 self.signalled = True
             code = self.worker.poll()
             if code is None:
@@ -154,6 +165,9 @@ class JobService:
         self.store.add_event(job["id"], "Files validated, moving job to queued state", key="queued")
 
     def _launch(self, job: dict[str, Any]) -> None:
+        job = self.store.job(job["id"])
+        if job["status"] not in (QUEUED, RUNNING):  # paused or cancelled since the queue was read
+            return None
         if job["model"] not in self.registry:
             return self._fail(job, f"the model '{job['model']}' is not served by this server any more; restart it "
                               f"with `finesmith serve {job['model']}`", "model_not_found", "model")
@@ -179,6 +193,7 @@ class JobService:
 
     def _finished(self, job: dict[str, Any], code: int) -> None:
         run = Path(job["output"]) / "run"
+        self.current = None
         if code == 0:
             name = fine_tuned_name(job)
             self.registry.add(str(run), name, owner="user")
@@ -188,6 +203,8 @@ class JobService:
             # the events first: a client that sees the final status finds every event with it
             self.store.add_event(job["id"], f"New fine-tuned model created: {name}", key="model")
             self.store.add_event(job["id"], "The job has successfully completed", key="succeeded")
+            self._result_file(job)
+            self._compare(job)
             self.store.update_job(job["id"], status=SUCCEEDED, fine_tuned_model=name, trained_tokens=tokens,
                                   hyperparameters=json.dumps(resolved_hyperparameters(job, record)))
         elif job["cancel_requested"]:  # stopped with a checkpoint (75), or while still checking its files
@@ -195,13 +212,23 @@ class JobService:
             self.store.add_event(job["id"], "Fine-tuning job cancelled" + (f" (checkpoint at step {step} kept)"
                                                                           if step else ""), key="cancelled")
             self.store.update_job(job["id"], status=CANCELLED)
+        elif job["pause_requested"] and code in (75, -signal.SIGTERM):  # paused (with a checkpoint once it has one)
+            step = _resumable_step(job)
+            self.store.update_job(job["id"], status=PAUSED)
+            self.store.add_event(job["id"], "Fine-tuning job paused" + (f" with a checkpoint at step {step}"
+                                                                       if step else ""),
+                                 key=f"paused-{job['attempts']}")
         elif code == 75:  # stopped because this server is stopping: resumed when it starts again
             self.store.add_event(job["id"], "Paused with a checkpoint: the server is stopping",
                                  key=f"paused-{job['attempts']}")
         else:
             message = _last_error(Path(job["output"]) / "worker.log") or f"the training process exited with {code}"
-            self._fail(job, message, "invalid_training_file" if code == 2 else "training_failed",
-                       "training_file" if code == 2 else None)
+            from finesmith.serve.worker import EXIT_GRADER
+
+            code_param = {2: ("invalid_training_file", "training_file"),
+                          EXIT_GRADER: ("grader_failed", "method.reinforcement.grader")}
+            self._fail(job, message, *code_param.get(code, ("training_failed", None)))
+            self._result_file(self.store.job(job["id"]))
 
     def _fail(self, job: dict[str, Any], message: str, code: str, param: str | None) -> None:
         message = self.public(message)
@@ -262,14 +289,102 @@ class JobService:
             step = entry.get("step")
             if "loss" in entry:
                 data = {"step": step, "train_loss": entry["loss"], "total_steps": total, "learning_rate": entry.get("lr")}
-                self.store.add_event(job_id, f"Step {step}/{total}: training loss={entry['loss']:.4f}",
-                                     kind="metrics", data=data, key=f"step-{step}")
+                message = f"Step {step}/{total}: training loss={entry['loss']:.4f}"
+                if "reward" in entry:  # reinforcement: the step's mean reward (and each reward's)
+                    data.update({k: v for k, v in entry.items() if k.startswith("reward")})
+                    data["train_reward_mean"] = entry["reward"]
+                    message += f", reward={entry['reward']:.4f}"
+                    latest.setdefault(step, {})["train_reward_mean"] = entry["reward"]
+                self.store.add_event(job_id, message, kind="metrics", data=data, key=f"step-{step}")
                 latest.setdefault(step, {})["train_loss"] = entry["loss"]
+                self._estimate_finish(job_id, entry, total)
             if "eval_loss" in entry:
-                self.store.add_event(job_id, f"Step {step}/{total}: validation loss={entry['eval_loss']:.4f}",
-                                     kind="metrics", data={"step": step, "valid_loss": entry["eval_loss"],
-                                                           "total_steps": total}, key=f"eval-{step}")
+                data = {"step": step, "valid_loss": entry["eval_loss"], "total_steps": total}
+                message = f"Step {step}/{total}: validation loss={entry['eval_loss']:.4f}"
+                if "eval_reward" in entry:
+                    data["valid_reward_mean"] = entry["eval_reward"]
+                    message = f"Step {step}/{total}: validation reward={entry['eval_reward']:.4f}"
+                    latest.setdefault(step, {})["valid_reward_mean"] = entry["eval_reward"]
+                self.store.add_event(job_id, message, kind="metrics", data=data, key=f"eval-{step}")
                 latest.setdefault(step, {})["valid_loss"] = entry["eval_loss"]
+
+    def _estimate_finish(self, job_id: str, entry: dict[str, Any], total: int | None) -> None:
+        """`estimated_finish`: now plus the steps left at this run's pace (its steps/s so far)."""
+        step, elapsed = entry.get("step"), entry.get("elapsed_s")
+        if total and step and elapsed:
+            left = max(0, total - step) * elapsed / step
+            self.store.update_job(job_id, estimated_finish=int(time.time() + left))
+
+    def _result_file(self, job: dict[str, Any]) -> None:
+        """The step-metrics CSV of the job's run as a `fine-tune-results` file in its `result_files`."""
+        path = self.store.upload_path()
+        try:
+            text, rows = step_metrics_csv(Path(job["output"]) / "run" / "metrics.jsonl",
+                                          job["method"]["type"] == "reinforcement")
+            path.write_text(text, encoding="utf-8")
+            row = self.store.add_file("step_metrics.csv", RESULTS_PURPOSE, path, rows, "results", suffix=".csv")
+            self.store.add_result_file(job["id"], row["id"])
+        except OSError as exc:
+            self.log(f"jobs: the results of {job['id']} could not be written ({exc})")
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _compare(self, job: dict[str, Any]) -> None:
+        """The worker's compare report (`jobs/JOB/compare`), when it made one, as a result file."""
+        folder = Path(job["output"]) / "compare"
+        report = folder / "report.html"
+        if not report.is_file():
+            return
+        verdict = (folder / "verdict.txt").read_text(encoding="utf-8") if (folder / "verdict.txt").is_file() else ""
+        path = self.store.upload_path()
+        path.write_bytes(report.read_bytes())
+        try:
+            row = self.store.add_file("compare_report.html", RESULTS_PURPOSE, path, 1, "report", suffix=".html")
+        finally:
+            path.unlink(missing_ok=True)
+        self.store.add_result_file(job["id"], row["id"])
+        self.store.add_event(job["id"], f"Compare report ({row['id']}): {self.public(verdict)}", key="compare-done",
+                             data={"file": row["id"], "verdict": self.public(verdict)})
+
+
+RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+def step_metrics_csv(metrics: Path, reinforcement: bool = False) -> tuple[str, int]:
+    """(CSV text, rows) of a run's metrics per step, in the hosted results file's columns.
+
+    The accuracies stay empty: finesmith's loop does not measure token accuracy during
+    training (an empty cell, never an invented number). Reinforcement jobs add the mean
+    training and held-out rewards (`train_reward_mean`, `valid_reward_mean`).
+    """
+    import csv
+    import io
+
+    columns = RESULT_COLUMNS + (("train_reward_mean", "valid_reward_mean") if reinforcement else ())
+    steps: dict[int, dict[str, Any]] = {}
+    try:
+        lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = entry.get("step")
+        if not isinstance(step, int):
+            continue
+        row = steps.setdefault(step, {"step": step})
+        for source, target in (("loss", "train_loss"), ("eval_loss", "valid_loss"), ("reward", "train_reward_mean"),
+                               ("eval_reward", "valid_reward_mean")):
+            if source in entry and target in columns:
+                row[target] = entry[source]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    for step in sorted(steps):
+        writer.writerow(steps[step])
+    return out.getvalue(), len(steps)
 
 
 def fine_tuned_name(job: dict[str, Any]) -> str:
@@ -287,6 +402,17 @@ def resolved_hyperparameters(job: dict[str, Any], record: dict[str, Any]) -> dic
                                              / DEFAULT_LR["lora"], 6)}
     if job["method"]["type"] == "dpo":
         out["beta"] = (config.get("preference") or {}).get("beta")
+    if job["method"]["type"] == "reinforcement":  # what the others map to, as the job asked for them
+        from finesmith.serve.worker import DEFAULT_GROUP_SIZE
+
+        group = (config.get("grpo") or {}).get("group_size")
+        asked = job["hyperparameters"]
+        out["compute_multiplier"] = asked.get("compute_multiplier", "auto") if group is None else \
+            asked.get("compute_multiplier") if asked.get("compute_multiplier", "auto") != "auto" else \
+            group / DEFAULT_GROUP_SIZE
+        out["eval_interval"] = config.get("eval_every") or asked.get("eval_interval", "auto")
+        out["eval_samples"] = 1
+        out["reasoning_effort"] = asked.get("reasoning_effort", "default")
     return out
 
 
@@ -322,15 +448,24 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_object(job: dict[str, Any]) -> dict[str, Any]:
-    kind = job["method"]["type"]
+    method = job["method"]
+    kind = method["type"]
     params = {k: job["hyperparameters"].get(k, "auto") for k in HYPERPARAMETERS[kind]}
+    if kind == "reinforcement" and params["reasoning_effort"] == "auto":
+        params["reasoning_effort"] = "default"  # the hosted API's word for the model's own default
+    section: dict[str, Any] = {"hyperparameters": params}
+    if kind == "reinforcement":
+        section["grader"] = method.get("grader")
+    section["finesmith"] = method.get("finesmith") or {"method": "lora"}
+    legacy = {k: v for k, v in params.items() if k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
     return {"object": "fine_tuning.job", "id": job["id"], "model": job["model"], "created_at": job["created_at"],
             "finished_at": job["finished_at"], "fine_tuned_model": job["fine_tuned_model"],
-            "organization_id": "org-local", "result_files": [], "status": job["status"],
+            "organization_id": "org-local", "result_files": job.get("result_files") or [], "status": job["status"],
             "validation_file": job["validation_file"], "training_file": job["training_file"],
-            "hyperparameters": {k: v for k, v in params.items() if k != "beta"}, "trained_tokens": job["trained_tokens"],
-            "error": job["error"], "seed": job["seed"], "user_provided_suffix": job["suffix"], "estimated_finish": None,
-            "integrations": [], "metadata": None, "method": {"type": kind, kind: {"hyperparameters": params}}}
+            "hyperparameters": legacy, "trained_tokens": job["trained_tokens"],
+            "error": job["error"], "seed": job["seed"], "user_provided_suffix": job["suffix"],
+            "estimated_finish": job.get("estimated_finish") if job["status"] == RUNNING else None,
+            "integrations": [], "metadata": job.get("metadata"), "method": {"type": kind, kind: section}}
 
 
 def validate_upload(path: Path, filename: str) -> tuple[int, str]:
@@ -338,7 +473,8 @@ def validate_upload(path: Path, filename: str) -> tuple[int, str]:
     the first problem is a 400 naming `filename:line`."""
     from collections import Counter
 
-    from finesmith.data.formats import FeedbackExample, PreferenceExample, TextExample, parse_records
+    from finesmith.data.formats import FeedbackExample, PreferenceExample, TextExample
+    from finesmith.train.grpo import parse_prompt_records
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
@@ -350,13 +486,14 @@ def validate_upload(path: Path, filename: str) -> tuple[int, str]:
         raise api_error(400, f"{filename}: not UTF-8 text; upload a JSONL file", "file", "invalid_file") from None
     kinds: Counter = Counter()
     lines = 0
-    for _, example, problem in parse_records(str(path)):
+    for _, example, problem in parse_prompt_records(str(path)):  # rows ending in a user turn are prompts
         if problem:
             raise api_error(400, problem.replace(str(path), filename), "file", "invalid_file")
         if example is not None:
             lines += 1
             kinds["preference" if isinstance(example, (PreferenceExample, FeedbackExample)) else
-                  "text" if isinstance(example, TextExample) else "chat"] += 1
+                  "text" if isinstance(example, TextExample) else
+                  "prompt" if example.messages[-1].get("role") == "user" else "chat"] += 1
     if not lines:
         raise api_error(400, f"{filename}: no examples; each line must be one JSON example", "file", "invalid_file")
     if len(kinds) > 1:
@@ -407,6 +544,7 @@ def add_routes(app: FastAPI, service: JobService) -> None:
     """
     import shutil
 
+    from finesmith.serve.dashboard import REPORT_HEADERS
     from finesmith.serve.http import json_body
 
     store, registry = service.store, service.registry
@@ -465,7 +603,11 @@ def add_routes(app: FastAPI, service: JobService) -> None:
     def file_content(file_id: str) -> Response:
         from fastapi.responses import FileResponse
 
-        return FileResponse(find_file(file_id)["path"], media_type="application/jsonl")
+        found = find_file(file_id)
+        media = "text/csv" if found["path"].endswith(".csv") else "text/html" if found["path"].endswith(
+            ".html") else "application/jsonl"
+        headers = REPORT_HEADERS if media == "text/html" else None
+        return FileResponse(found["path"], media_type=media, headers=headers)
 
     def create(body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -480,8 +622,11 @@ def add_routes(app: FastAPI, service: JobService) -> None:
         return await asyncio.to_thread(create, await json_body(request))
 
     @app.get("/v1/fine_tuning/jobs")
-    def list_jobs(after: str | None = None, limit: int = 20) -> dict[str, Any]:
-        jobs, more = store.jobs(after, max(1, min(limit, 100)))
+    def list_jobs(request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        # `metadata[key]=value` (the hosted API's filter; the official client sends it so)
+        wanted = {k[len("metadata["):-1]: v for k, v in request.query_params.multi_items()
+                  if k.startswith("metadata[") and k.endswith("]")}
+        jobs, more = store.jobs(after, max(1, min(limit, 100)), wanted)
         return {"object": "list", "data": [job_object(j) for j in jobs], "has_more": more}
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
@@ -495,9 +640,34 @@ def add_routes(app: FastAPI, service: JobService) -> None:
             raise api_error(400, f"the job is already {job['status']}; only a job that has not finished can be cancelled",
                             "fine_tuning_job_id", "job_finished")
         store.request_cancel(job_id)
-        if job["status"] in (VALIDATING, QUEUED) and service.current != job_id:
+        if job["status"] in (VALIDATING, QUEUED, PAUSED) and service.current != job_id:
             store.update_job(job_id, status=CANCELLED)
             store.add_event(job_id, "Fine-tuning job cancelled", key="cancelled")
+        return job_object(store.job(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(job_id: str) -> dict[str, Any]:
+        job = find_job(job_id)
+        if job["status"] not in (VALIDATING, QUEUED, RUNNING):
+            raise api_error(400, f"the job is {job['status']}; only a job that is queued or running can be paused",
+                            "fine_tuning_job_id", "job_not_pausable")
+        store.request_pause(job_id)
+        if job["status"] in (VALIDATING, QUEUED) and service.current != job_id:
+            store.update_job(job_id, status=PAUSED)
+            store.add_event(job_id, "Fine-tuning job paused", key=f"paused-{job['attempts']}-queued")
+        return job_object(store.job(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(job_id: str) -> dict[str, Any]:
+        job = find_job(job_id)
+        if job["status"] != PAUSED:
+            raise api_error(400, f"the job is {job['status']}; only a paused job can be resumed",
+                            "fine_tuning_job_id", "job_not_paused")
+        store.request_pause(job_id, False)
+        store.update_job(job_id, status=QUEUED)
+        step = _resumable_step(job)
+        store.add_event(job_id, "Fine-tuning job resumed" + (f"; it continues from its checkpoint at step {step}"
+                                                             if step else ""), key=f"resumed-{job['attempts']}")
         return job_object(store.job(job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -542,14 +712,29 @@ def parse_job(body: dict[str, Any], store: Store, registry: ModelRegistry) -> di
     if kind not in METHODS:
         raise api_error(400, f"method.type must be one of {', '.join(METHODS)}, got {kind!r}", "method.type")
     section = method.get(kind) if isinstance(method.get(kind), dict) else {}
+    if method.get(kind) is not None and not isinstance(method.get(kind), dict):
+        raise api_error(400, f"method.{kind} must be an object", f"method.{kind}")
+    for key in section:
+        if key not in SECTION_KEYS or (key == "grader" and kind != "reinforcement"):
+            allowed = [k for k in SECTION_KEYS if k != "grader" or kind == "reinforcement"]
+            raise api_error(400, f"method.{kind}.{key} is not supported here; method.{kind} takes "
+                                 f"{', '.join(allowed)}", f"method.{kind}.{key}")
     params = {**(body.get("hyperparameters") or {}), **(method.get("hyperparameters") or {}),
               **(section.get("hyperparameters") or {})}
     for key, value in params.items():
         if key not in HYPERPARAMETERS[kind]:
             raise api_error(400, f"unknown hyperparameter '{key}' for a {kind} job; known: "
                                  f"{', '.join(HYPERPARAMETERS[kind])}", f"hyperparameters.{key}")
-        if value != "auto":
+        if key == "reasoning_effort":
+            params[key] = reasoning_effort(value, model, registry)
+        elif value != "auto":
             params[key] = hyperparameter(key, value)
+    stored: dict[str, Any] = {"type": kind}
+    if kind == "reinforcement":
+        stored["grader"] = job_grader(section.get("grader"), registry)
+    if section.get("finesmith") is not None:
+        stored["finesmith"] = extension(section["finesmith"], kind)
+    metadata = check_metadata(body.get("metadata"))
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not 0 < len(suffix) <= 64 or ":" in suffix):
         raise api_error(400, "suffix must be 1 to 64 characters without ':'", "suffix")
@@ -559,16 +744,98 @@ def parse_job(body: dict[str, Any], store: Store, registry: ModelRegistry) -> di
     job_id = new_id("ftjob")
     return {"id": job_id, "model": model, "training_file": body["training_file"],
             "validation_file": body.get("validation_file"), "suffix": suffix,
-            "seed": seed if seed is not None else 42, "method": {"type": kind}, "hyperparameters": params,
-            "output": str(store.jobs_dir / job_id)}
+            "seed": seed if seed is not None else 42, "method": stored, "hyperparameters": params,
+            "output": str(store.jobs_dir / job_id), "metadata": metadata}
+
+
+def job_grader(grader: Any, registry: ModelRegistry) -> dict[str, Any]:
+    """The reinforcement job's grader, validated, or a 400 naming the field.
+
+    Model graders (score_model, label_model) are refused in jobs: their judge would have to be
+    a model this server serves, asked by the training process while this server also serves it;
+    grade with them through `/v1/fine_tuning/alpha/graders/run` instead.
+    """
+    from finesmith.graders import GraderError, uses_models, validate
+
+    param = "method.reinforcement.grader"
+    if grader is None:
+        raise api_error(400, f"{param} is required for a reinforcement job: the grader whose score is the reward",
+                        param)
+    try:
+        checked = validate(grader, param=param)
+    except GraderError as exc:
+        raise api_error(400, str(exc), exc.param) from None
+    if uses_models(checked):
+        raise api_error(400, f"{param}: score_model and label_model graders are not supported in jobs on this "
+                             "server (the judge would be a model it serves, asked during training); use "
+                             "string_check, text_similarity, python or multi graders", param)
+    return checked
+
+
+def extension(value: Any, kind: str) -> dict[str, Any]:
+    """finesmith's own job settings, `method.<type>.finesmith`: `method` (lora | full | auto: the
+    advisor chooses when the job starts) and `max_steps` (stop after this many optimizer steps)."""
+    param = f"method.{kind}.finesmith"
+    if not isinstance(value, dict):
+        raise api_error(400, f"{param} must be an object, e.g. {{\"method\": \"lora\"}}", param)
+    for key in value:
+        if key not in ("method", "max_steps"):
+            raise api_error(400, f"{param}.{key} is not a finesmith job setting; known: method, max_steps",
+                            f"{param}.{key}")
+    out = {"method": value.get("method", "lora")}
+    if out["method"] not in EXTENSION_METHODS:
+        raise api_error(400, f"{param}.method must be one of {', '.join(EXTENSION_METHODS)}, got {out['method']!r}",
+                        f"{param}.method")
+    steps = value.get("max_steps")
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1_000_000:
+            raise api_error(400, f"{param}.max_steps must be a whole number from 1, got {steps!r}",
+                            f"{param}.max_steps")
+        out["max_steps"] = steps
+    return out
+
+
+def reasoning_effort(value: Any, model: str, registry: ModelRegistry) -> str:
+    """`reasoning_effort` (see REASONING_EFFORTS), or a 400: levels other than `default` need a
+    model whose chat template has a thinking switch (`enable_thinking`)."""
+    param = "hyperparameters.reasoning_effort"
+    if value == "auto":
+        value = "default"
+    if value not in REASONING_EFFORTS:
+        raise api_error(400, f"{param} must be one of {', '.join(REASONING_EFFORTS)}, got {value!r}", param)
+    if value != "default":
+        from finesmith.data.template import has_thinking_switch
+        from finesmith.model.load import load_chat_tokenizer
+
+        tokenizer, _ = load_chat_tokenizer(registry.spec(model), notify=lambda *_: None)
+        if not has_thinking_switch(tokenizer):
+            raise api_error(400, f"{param} '{value}' needs a model with a thinking switch (a chat template reading "
+                                 f"enable_thinking, e.g. Qwen3); {model} has none, so leave it out or 'default'",
+                            param)
+    return value
+
+
+def check_metadata(value: Any) -> dict[str, str] | None:
+    """The job's metadata (up to 16 string pairs, as the hosted API), or a 400."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()):
+        raise api_error(400, f"metadata must be an object of at most {MAX_METADATA} string values (keys up to 64 "
+                             "characters, values up to 512)", "metadata")
+    return dict(value)
 
 
 def hyperparameter(key: str, value: Any) -> int | float:
-    """A hyperparameter's value checked against `BOUNDS` (whole numbers for epochs and batch
-    size, finite and above the low end for the others), or a 400 naming it."""
+    """A hyperparameter's value checked against `BOUNDS` (whole numbers for epochs, batch
+    size and eval counts, finite and above the low end for the others), or a 400 naming it."""
     low, high = BOUNDS[key]
-    whole = key in ("n_epochs", "batch_size")
+    whole = key in WHOLE
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if key == "eval_samples" and not (number and value == 1):
+        raise api_error(400, "hyperparameters.eval_samples must be 'auto' or 1: finesmith measures the held-out "
+                             "reward with one greedy answer per validation prompt (more samples of a greedy answer "
+                             "would be the same answer)", "hyperparameters.eval_samples")
     if whole:
         ok = number and float(value).is_integer() and low <= value <= high
         need = f"an integer from {low} to {high}"

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from finesmith.errors import FinesmithError
 from finesmith.serve.engine import DEFAULT_QUEUE_SIZE, ChatEngine
+from finesmith.serve.graders_api import add_grader_routes
 from finesmith.serve.http import (LOOPBACK_HOSTS, MAX_JSON_BYTES, APIError, ClientGone, RequestGuard, RequireKey,
                                   allowed_host_list)
 from finesmith.serve.inference import add_inference_routes
@@ -101,6 +102,7 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
 
     add_inference_routes(app, registry)
     add_tokenizer_routes(app, registry)
+    add_grader_routes(app, judge_chat(registry), models=registry)
     if jobs is not None:
         from finesmith.serve.dashboard import add_dashboard
         from finesmith.serve.jobs import add_routes
@@ -108,6 +110,22 @@ def build_app(models: ChatEngine | ModelRegistry, api_key: str | None = None, jo
         add_routes(app, jobs)
         add_dashboard(app, jobs.store, [Path(r) for r in runs or []])
     return app
+
+
+def judge_chat(registry: ModelRegistry) -> Any:
+    """The `chat(model, messages, sampling) -> text` of model graders: the named served model
+    answers (blocking; the graders API calls it in a thread). The reply schema the graders ask
+    for is not enforced: the grader parses the reply's text (see `finesmith.graders.model_graders`)."""
+    from finesmith.serve.engine import Sampling
+
+    def chat(model: str, messages: list[dict[str, str]], sampling: dict[str, Any]) -> dict[str, Any]:
+        engine = registry.engine(model)
+        ids = engine.chat_ids(messages)
+        text = engine.generate(ids, Sampling(sampling.get("max_tokens") or 512, sampling.get("temperature", 0.0),
+                                             sampling.get("top_p", 1.0), (), sampling.get("seed"))).text()
+        return {"text": text, "usage": {"prompt_tokens": len(ids)}}
+
+    return chat
 
 
 def serve(specs: str | list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -46,9 +46,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     metrics TEXT NOT NULL, UNIQUE (job_id, step));
 """
 
-# The hosted API's job states, in their order.
-VALIDATING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+# Columns added since the first schema: (name, SQL type and default); added on open when missing.
+ADDED_COLUMNS = (("metadata", "TEXT"), ("pause_requested", "INTEGER NOT NULL DEFAULT 0"),
+                 ("result_files", "TEXT NOT NULL DEFAULT '[]'"), ("estimated_finish", "INTEGER"))
+
+# The hosted API's job states, in their order (`paused`: stopped with a checkpoint until resumed).
+VALIDATING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, PAUSED = (
+    "validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -76,6 +80,10 @@ class Store:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         finally:
             db.close()
         self.make_private()
@@ -114,10 +122,11 @@ class Store:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         return path
 
-    def add_file(self, filename: str, purpose: str, source: Path, lines: int, kind: str) -> dict[str, Any]:
+    def add_file(self, filename: str, purpose: str, source: Path, lines: int, kind: str,
+                 suffix: str = ".jsonl") -> dict[str, Any]:
         """Keep the file at `source` (moved into `files/`, so on the same file system) as a new file."""
         file_id = new_id("file")
-        path = self.files_dir / f"{file_id}.jsonl"
+        path = self.files_dir / f"{file_id}{suffix}"
         os.replace(source, path)
         path.chmod(0o600)
         row = {"id": file_id, "filename": filename, "purpose": purpose, "bytes": path.stat().st_size,
@@ -152,11 +161,12 @@ class Store:
         with self._db(write=True) as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             row = {**job, "seq": seq, "status": VALIDATING, "created_at": int(time.time()),
-                   "method": json.dumps(job["method"]), "hyperparameters": json.dumps(job.get("hyperparameters", {}))}
+                   "method": json.dumps(job["method"]), "hyperparameters": json.dumps(job.get("hyperparameters", {})),
+                   "metadata": json.dumps(job["metadata"]) if job.get("metadata") is not None else None}
             db.execute("INSERT INTO jobs (id, seq, model, training_file, validation_file, suffix, seed, method, "
-                       "status, created_at, output, hyperparameters) VALUES (:id, :seq, :model, :training_file, "
-                       ":validation_file, :suffix, :seed, :method, :status, :created_at, :output, :hyperparameters)",
-                       row)
+                       "status, created_at, output, hyperparameters, metadata) VALUES (:id, :seq, :model, "
+                       ":training_file, :validation_file, :suffix, :seed, :method, :status, :created_at, :output, "
+                       ":hyperparameters, :metadata)", row)
         return self.job(job["id"])
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -164,12 +174,18 @@ class Store:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
-        """Newest first; `after` is a job id (the page starts below it). Returns (jobs, has_more)."""
+    def jobs(self, after: str | None = None, limit: int = 20,
+             metadata: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first; `after` is a job id (the page starts below it); `metadata`: only jobs
+        whose metadata has every one of these key/value pairs. Returns (jobs, has_more)."""
+        where, args = "seq < ?", []
+        for key, value in (metadata or {}).items():
+            where += " AND json_extract(metadata, ?) = ?"
+            args += ['$."' + key.replace('"', '""') + '"', value]
         with self._db() as db:
             below = db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone() if after else None
-            rows = db.execute("SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-                              (below[0] if below else 1 << 62, limit + 1)).fetchall()
+            rows = db.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY seq DESC LIMIT ?",
+                              (below[0] if below else 1 << 62, *args, limit + 1)).fetchall()
         return [_job(r) for r in rows[:limit]], len(rows) > limit
 
     def jobs_in(self, *statuses: str) -> list[dict[str, Any]]:
@@ -192,6 +208,17 @@ class Store:
     def request_cancel(self, job_id: str) -> None:
         with self._db(write=True) as db:
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def request_pause(self, job_id: str, pause: bool = True) -> None:
+        with self._db(write=True) as db:
+            db.execute("UPDATE jobs SET pause_requested = ? WHERE id = ?", (int(pause), job_id))
+
+    def add_result_file(self, job_id: str, file_id: str) -> None:
+        with self._db(write=True) as db:
+            row = db.execute("SELECT result_files FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            found = json.loads(row[0] or "[]") if row else []
+            if file_id not in found:
+                db.execute("UPDATE jobs SET result_files = ? WHERE id = ?", (json.dumps(found + [file_id]), job_id))
 
     # events and checkpoints
     def add_event(self, job_id: str, message: str, level: str = "info", kind: str = "message",
@@ -255,6 +282,8 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     job = dict(row)
     job["method"] = json.loads(job["method"])
     job["hyperparameters"] = json.loads(job["hyperparameters"] or "{}")
+    job["metadata"] = json.loads(job["metadata"]) if job.get("metadata") else None
+    job["result_files"] = json.loads(job.get("result_files") or "[]")
     if job["error"]:
         job["error"] = json.loads(job["error"])
     return job
