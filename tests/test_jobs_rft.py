@@ -10,12 +10,13 @@ import csv
 import io
 import json
 import time
+import urllib.request
 
 import openai
 import pytest
 
 from conftest import QA, chat, write_jsonl
-from test_jobs_api import Server, wait_for
+from test_jobs_api import KEY, Server, wait_for
 
 TEXT = "{{ sample.output_text }}"
 MULTI = {"type": "multi", "name": "blend", "calculate_output": "0.5 * exact + 0.3 * close + 0.2 * short",
@@ -105,6 +106,13 @@ def test_method_jobs_graders_results_and_metadata(server, tmp_path):
     assert "fine-tuned · run" in report and "zero-shot" in report
     verdict = [e for e in client.fine_tuning.jobs.list_events(sft.id, limit=100).data if "Compare report" in e.message]
     assert verdict and verdict[0].data["file"] == done.result_files[1]
+    asked = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/finesmith/reports",
+                                   headers={"Authorization": f"Bearer {KEY}"})
+    listed = json.loads(urllib.request.urlopen(asked, timeout=30).read())
+    assert f"jobs/{sft.id}/compare" in [r["path"] for r in listed["data"]]  # linked from the dashboard
+    last = client.fine_tuning.jobs.checkpoints.list(sft.id).data[0]
+    assert last.step_number == 3 and last.metrics.train_loss is not None
+    assert last.metrics.valid_loss == last.metrics.full_valid_loss is not None  # the whole file is evaluated
 
     # reinforcement: GRPO with the multi grader as the reward; the events carry the reward per step
     finished = wait_for(client, rft.id)

@@ -9,7 +9,8 @@ two read-only endpoints here, which read runs through `load_run` like every othe
   state, method, objective, steps and losses;
 - `GET /v1/finesmith/runs/{id}/metrics`: its loss and eval-loss curves from `metrics.jsonl`;
 - `GET /v1/finesmith/reports` and `/v1/finesmith/reports/{id}`: compare reports
-  (`report.html` folders written by `finesmith compare`) found under `--runs`.
+  (`report.html` folders written by `finesmith compare`) of the jobs (a job with a validation
+  file ends with one) and found under `--runs`.
 """
 
 from __future__ import annotations
@@ -97,9 +98,16 @@ def curves(folder: Path) -> dict[str, list[list[float]]]:
     return out
 
 
-def reports(roots: list[Path]) -> dict[str, tuple[Path, str]]:
-    """id -> (report file, its path under its root as clients see it)."""
+def reports(roots: list[Path], store: Any = None) -> dict[str, tuple[Path, str]]:
+    """id -> (report file, its path under its root as clients see it): the jobs' compare reports
+    (`jobs/JOB/compare`, made when a job with a validation file ends), then those under `roots`."""
     found = {}
+    if store is not None:
+        jobs, _ = store.jobs(limit=100)
+        for job in jobs:
+            path = Path(job["output"]) / "compare" / "report.html"
+            if path.is_file():
+                found[run_id(path.parent)] = (path, f"jobs/{job['id']}/compare")
     for root in roots:
         if root.is_dir():
             for path in sorted(root.glob("*/report.html")) + sorted(root.glob("report.html")):
@@ -141,12 +149,12 @@ def add_dashboard(app: FastAPI, store: Any, roots: list[Path]) -> None:
 
     @app.get("/v1/finesmith/reports")
     def list_reports() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": k, "name": p.parent.name, "path": shown}
-                                           for k, (p, shown) in reports(roots).items()]}
+        return {"object": "list", "data": [{"id": k, "name": shown if shown.startswith("jobs/") else p.parent.name,
+                                            "path": shown} for k, (p, shown) in reports(roots, store).items()]}
 
     @app.get("/v1/finesmith/reports/{rid}", response_class=HTMLResponse)
     def report(rid: str) -> Response:
-        found = reports(roots).get(rid)
+        found = reports(roots, store).get(rid)
         if found is None:
             raise APIError(404, f"no compare report with id {rid}", param="id", code="report_not_found")
         return HTMLResponse(found[0].read_text(encoding="utf-8", errors="replace"), headers=REPORT_HEADERS)

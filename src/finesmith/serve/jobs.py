@@ -306,7 +306,8 @@ class JobService:
                     message = f"Step {step}/{total}: validation reward={entry['eval_reward']:.4f}"
                     latest.setdefault(step, {})["valid_reward_mean"] = entry["eval_reward"]
                 self.store.add_event(job_id, message, kind="metrics", data=data, key=f"eval-{step}")
-                latest.setdefault(step, {})["valid_loss"] = entry["eval_loss"]
+                # finesmith evaluates the whole validation file each time: the valid and full_valid loss are one
+                latest.setdefault(step, {}).update(valid_loss=entry["eval_loss"], full_valid_loss=entry["eval_loss"])
 
     def _estimate_finish(self, job_id: str, entry: dict[str, Any], total: int | None) -> None:
         """`estimated_finish`: now plus the steps left at this run's pace (its steps/s so far)."""

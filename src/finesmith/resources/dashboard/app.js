@@ -115,7 +115,7 @@ async function refreshReports() {
     return;
   }
   ul.replaceChildren();
-  if (!list.length) { ul.textContent = "none found under the server's --runs folders"; return; }
+  if (!list.length) { ul.textContent = "none yet: a job with a validation file ends with one; so does `finesmith compare` under --runs"; return; }
   for (const r of list) {
     const li = document.createElement("li"), a = document.createElement("a");
     a.href = "#"; a.textContent = r.name;
