@@ -137,13 +137,6 @@ def test_method_jobs_graders_results_and_metadata(server, tmp_path):
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "rl"}).data] == [rft.id]
     assert client.fine_tuning.jobs.list(metadata={"team": "search", "run": "b"}).data == []
 
-    # DPO through the method object
-    pairs = upload(client, write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": q, "chosen": a, "rejected": "No."}
-                                                                  for q, a in QA]))
-    dpo = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=pairs, method={
-        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 1, "batch_size": 6}}})
-    finished = wait_for(client, dpo.id)
-    assert finished.status == "succeeded" and finished.method.dpo.hyperparameters.beta == 0.3
     # a prompt file is no supervised training data: the job fails naming the file
     wrong = wait_for(client, client.fine_tuning.jobs.create(model="tiny-llama0", training_file=rl).id)
     assert wrong.status == "failed" and "prompt" in wrong.error.message
@@ -194,3 +187,20 @@ def test_a_bad_python_grader_fails_its_job_in_one_line_and_pause_resume(server, 
     assert steps == [1, 2, 3, 4, 5, 6]  # every step once, none lost or repeated
     lines = (server.home / "jobs" / job.id / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if '"loss"' in line] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_hosted_examples_run_unchanged(server, tmp_path):
+    """The hosted docs' supervised, DPO and reinforcement (multi grader) examples, only base_url changed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "hosted_migration" / "hosted_examples.py"
+    spec = importlib.util.spec_from_file_location("hosted_examples", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    jobs = module.main(f"http://127.0.0.1:{server.port}/v1", KEY, "tiny-llama0", tmp_path)
+    assert [(j.method.type, j.status) for j in jobs] == [
+        ("supervised", "succeeded"), ("dpo", "succeeded"), ("reinforcement", "succeeded")], [j.error for j in jobs]
+    assert jobs[1].method.dpo.hyperparameters.beta == 0.1
+    events = server.client.fine_tuning.jobs.list_events(jobs[2].id, limit=100).data
+    assert any(e.type == "metrics" and "train_reward_mean" in (e.data or {}) for e in events)
