@@ -95,8 +95,6 @@ class ModelRegistry:
             engine = load_engine(spec, queue_size=self.queue_size, precision=self.precision)
             engine.name = name
             return engine
-        from finesmith.model.load import load_chat_tokenizer
-
         with self._lock:
             loading = self._loading.setdefault(f"base:{shared.key}", threading.Lock())
         with loading:  # one load per base, whichever of its fine-tunes asks first
@@ -107,7 +105,7 @@ class ModelRegistry:
                                         self.max_adapters)
                 with self._lock:
                     self.bases[shared.key] = base
-        return base.view(name, load_chat_tokenizer(shared.tokenizer)[0], shared.adapter)
+        return base.view(name, base.tokenizer_of(shared.tokenizer), shared.adapter)
 
     def loaded(self) -> list[ChatEngine]:
         """The engines that own a model and a worker (a shared base once, however many names it serves)."""
