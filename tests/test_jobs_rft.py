@@ -204,3 +204,22 @@ def test_the_hosted_examples_run_unchanged(server, tmp_path):
     assert jobs[1].method.dpo.hyperparameters.beta == 0.1
     events = server.client.fine_tuning.jobs.list_events(jobs[2].id, limit=100).data
     assert any(e.type == "metrics" and "train_reward_mean" in (e.data or {}) for e in events)
+
+
+def test_a_train_config_takes_graders_as_its_reward(tiny_model, tmp_path, capsys):
+    """`finesmith train` with `reward: {type: multi, ...}`: the same graders, the same GRPO loop."""
+    import yaml
+
+    from finesmith.cli import main
+
+    config = {"model": tiny_model, "data": prompts(tmp_path), "output": str(tmp_path / "run"), "objective": "grpo",
+              "max_steps": 2, "batch_size": 2, "log_every": 1, "grpo": {"group_size": 2, "max_new_tokens": 4},
+              "reward": MULTI}
+    (tmp_path / "rft.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "rft.yaml")]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2] and all(0 <= m["reward_multi"] <= 1 for m in steps)
+    broken = {**config, "output": str(tmp_path / "bad"), "reward": ["exact_match", {**MULTI, "calculate_output": "x"}]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken))
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2
+    assert "config: reward[1].calculate_output:" in capsys.readouterr().err
