@@ -56,6 +56,12 @@ def test_method_jobs_graders_results_and_metadata(server, tmp_path):
     with pytest.raises(openai.BadRequestError) as bad:
         client.fine_tuning.alpha.graders.validate(grader={**MULTI, "calculate_output": "exact +"})
     assert "calculate_output" in str(bad.value)
+    # a model grader's judge is a model this server serves (the tiny one answers nonsense: a parse error, not a 500)
+    judged = client.fine_tuning.alpha.graders.run(grader={
+        "type": "score_model", "name": "judge", "model": "tiny-llama0", "sampling_params": {"max_completions_tokens": 4},
+        "input": [{"role": "user", "content": "Is this good? " + TEXT}]}, model_sample="Paris")
+    assert judged.metadata.errors.model_grader_parse_error and judged.reward == 0
+    assert not judged.metadata.errors.model_grader_server_error
 
     train = upload(client, write_jsonl(tmp_path / "sft.jsonl", [chat(q, a) for q, a in QA]))
     valid = upload(client, write_jsonl(tmp_path / "valid.jsonl", [chat(q, a) for q, a in reversed(QA)]))
@@ -171,6 +177,8 @@ def test_a_bad_python_grader_fails_its_job_in_one_line_and_pause_resume(server, 
     while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data):
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish >= running.created_at  # from its steps/s
     assert client.fine_tuning.jobs.pause(job.id).id == job.id
     paused = wait_for(client, job.id, until=("paused", "succeeded", "failed"))
     assert paused.status == "paused", paused.error
