@@ -649,11 +649,11 @@ def add_routes(app: FastAPI, service: JobService) -> None:
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
     def pause_job(job_id: str) -> dict[str, Any]:
         job = find_job(job_id)
-        if job["status"] not in (VALIDATING, QUEUED, RUNNING):
+        if job["status"] not in (QUEUED, RUNNING):  # validating lasts a moment: its files are checked first
             raise api_error(400, f"the job is {job['status']}; only a job that is queued or running can be paused",
                             "fine_tuning_job_id", "job_not_pausable")
         store.request_pause(job_id)
-        if job["status"] in (VALIDATING, QUEUED) and service.current != job_id:
+        if job["status"] == QUEUED and service.current != job_id:
             store.update_job(job_id, status=PAUSED)
             store.add_event(job_id, "Fine-tuning job paused", key=f"paused-{job['attempts']}-queued")
         return job_object(store.job(job_id))
