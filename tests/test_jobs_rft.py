@@ -231,3 +231,17 @@ def test_a_train_config_takes_graders_as_its_reward(tiny_model, tmp_path, capsys
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken))
     assert main(["train", str(tmp_path / "bad.yaml")]) == 2
     assert "config: reward[1].calculate_output:" in capsys.readouterr().err
+
+
+def test_a_grader_reward_that_allocates_without_bound_fails_in_one_line_or_scores_zero():
+    from finesmith.train.rewards import GradingFailed, grader_reward
+
+    hog = {"type": "python", "name": "hog", "source": "def grade(sample, item):\n    x = []\n    while True:\n"
+                                                      "        x.append(bytearray(50_000_000))\n"}
+    with pytest.raises(GradingFailed) as failed:
+        grader_reward(hog, timeout=20)("prompt", "answer", {}, "file-abc.jsonl:3")
+    assert str(failed.value) == ("grader hog (python): MemoryError: the grader went over its memory limit (2048 MB) "
+                                 "on file-abc.jsonl:3")
+    seen = []
+    assert grader_reward(hog, timeout=20, on_error="zero", log=seen.append)("p", "a", {}, "f:1") == 0.0
+    assert seen and seen[0].endswith("; scored 0")
