@@ -34,11 +34,15 @@ def prompts(tmp_path, name="rft.jsonl"):
     return write_jsonl(tmp_path / name, [{"messages": [{"role": "user", "content": q}], "answer": a} for q, a in QA])
 
 
-@pytest.fixture()
-def server(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("FINESMITH_GRADER_TIMEOUT_S", "3")  # a grader that hangs fails the job quickly here
-    monkeypatch.setenv("FINESMITH_RL_MAX_NEW_TOKENS", "6")  # short answers from the tiny model
-    running = Server(tiny_model, tmp_path / "home").start()
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """One server for this module's jobs (they queue as a user's would); each test filters its own."""
+    env = {"FINESMITH_GRADER_TIMEOUT_S": "3",  # a grader that hangs fails the job quickly here
+           "FINESMITH_RL_MAX_NEW_TOKENS": "6"}  # short answers from the tiny model
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        running = Server(tiny_model, tmp_path_factory.mktemp("rft") / "home").start()
     yield running
     running.stop()
 
