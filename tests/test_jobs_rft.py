@@ -171,10 +171,11 @@ def test_a_bad_python_grader_fails_its_job_in_one_line_and_pause_resume(server, 
 
     # pause and resume: the worker checkpoints and exits; resumed, the job continues from that checkpoint
     slow = {"type": "python", "name": "slow", "source": "import time\ndef grade(sample, item):\n"
-                                                        "    time.sleep(0.3)\n    return len(sample['output_text'])\n"}
-    job = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=rl, method={
-        "type": "reinforcement", "reinforcement": {"grader": slow, "hyperparameters": {
-            "batch_size": 2, "compute_multiplier": 0.5}, "finesmith": {"max_steps": 6}}})
+                                                        "    time.sleep(0.2)\n    return len(sample['output_text'])\n"}
+    method = {"type": "reinforcement", "reinforcement": {"grader": slow, "hyperparameters": {
+        "batch_size": 2, "compute_multiplier": 0.5}, "finesmith": {"max_steps": 6}}}
+    job = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=rl, method=method)
+    straight = client.fine_tuning.jobs.create(model="tiny-llama0", training_file=rl, method=method)  # never paused
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.resume(job.id)  # not paused
     deadline = time.monotonic() + 120
@@ -197,8 +198,14 @@ def test_a_bad_python_grader_fails_its_job_in_one_line_and_pause_resume(server, 
     assert any(f"continues from its checkpoint at step {checkpoint}" in m for m in messages)
     steps = sorted(e.data["step"] for e in events if e.type == "metrics" and "train_reward_mean" in (e.data or {}))
     assert steps == [1, 2, 3, 4, 5, 6]  # every step once, none lost or repeated
-    lines = (server.home / "jobs" / job.id / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines if '"loss"' in line] == [1, 2, 3, 4, 5, 6]
+    assert wait_for(client, straight.id).status == "succeeded"
+
+    def trained(job_id):
+        lines = (server.home / "jobs" / job_id / "run" / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["reward"], m["loss"]) for m in map(json.loads, lines) if "loss" in m]
+
+    # the same samples, rewards and losses as the job that was never paused: it continued exactly
+    assert [s for s, _, _ in trained(job.id)] == [1, 2, 3, 4, 5, 6] and trained(job.id) == trained(straight.id)
 
 
 def test_the_hosted_examples_run_unchanged(server, tmp_path):
