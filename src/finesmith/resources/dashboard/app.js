@@ -41,6 +41,18 @@ async function refreshJobs() {
     row.dataset.job = job.id;
     cell(row, job.id); cell(row, job.model); cell(row, job.method.type);
     cell(row, job.status, "status-" + job.status); cell(row, job.fine_tuned_model); cell(row, when(job.created_at));
+    const action = {running: "pause", queued: "pause", paused: "resume"}[job.status];
+    const td = row.insertCell();
+    if (action) { // pause: the job checkpoints and stops; resume: it continues from that checkpoint
+      const button = document.createElement("button");
+      button.textContent = action;
+      button.addEventListener("click", async (e) => {
+        e.stopPropagation();
+        try { await api("/v1/fine_tuning/jobs/" + job.id + "/" + action, {method: "POST"}); } catch (error) { td.title = error.message; }
+        refreshJobs();
+      });
+      td.appendChild(button);
+    }
     row.addEventListener("click", () => { selected = {kind: "job", id: job.id}; refreshCurve(); refreshJobs(); });
   }
 }
