@@ -236,14 +236,7 @@ class JobService:
         self.store.update_job(job["id"], status=FAILED, error={"code": code, "message": message, "param": param})
 
     def public(self, message: str) -> str:
-        """`message` as clients may see it: an uploaded file's path becomes its id, other paths of
-        this machine go (relative to the home, or their last part)."""
-        import re
-
-        from finesmith.serve.http import strip_paths
-
-        message = re.sub(re.escape(str(self.store.files_dir)) + r"/(file-[0-9a-f]+)\.jsonl", r"\1", message)
-        return strip_paths(message, self.store.root)
+        return public_message(message, self.store)
 
     def follow(self, job: dict[str, Any], final: bool = False) -> None:
         """New metric lines and checkpoints of the job's run, as events and checkpoint objects.
@@ -346,6 +339,17 @@ class JobService:
         self.store.add_result_file(job["id"], row["id"])
         self.store.add_event(job["id"], f"Compare report ({row['id']}): {self.public(verdict)}", key="compare-done",
                              data={"file": row["id"], "verdict": self.public(verdict)})
+
+
+def public_message(message: str, store: Store) -> str:
+    """`message` as clients may see it: an uploaded file's path becomes its id, other paths of
+    this machine go (relative to the home, or their last part)."""
+    import re
+
+    from finesmith.serve.http import strip_paths
+
+    message = re.sub(re.escape(str(store.files_dir)) + r"/(file-[0-9a-f]+)\.jsonl", r"\1", message)
+    return strip_paths(message, store.root)
 
 
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")

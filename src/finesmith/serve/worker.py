@@ -120,7 +120,10 @@ def choose_method(job: dict[str, Any], config: dict[str, Any], store: Store) -> 
         chosen = rec.method if rec.method in ("lora", "full") else "lora"
         why = f"the advisor recommends {rec.approach} ({rec.rule})"
     except Exception as exc:  # noqa: BLE001 - e.g. prompt files it cannot size: LoRA, said so
-        chosen, why = "lora", f"the advisor could not size this job ({type(exc).__name__}: {exc}); LoRA is the default"
+        from finesmith.serve.jobs import public_message
+
+        text = public_message(" ".join(str(exc).split())[:300], store)
+        chosen, why = "lora", f"the advisor could not size this job ({type(exc).__name__}: {text}); LoRA is the default"
     config["method"] = chosen
     multiplier = job["hyperparameters"].get("learning_rate_multiplier", "auto")
     config["lr"] = DEFAULT_LR[chosen] * (DEFAULT_LR_MULTIPLIER if multiplier == "auto" else multiplier)
@@ -218,7 +221,9 @@ def compare_job(job: dict[str, Any], store: Store, config: dict[str, Any]) -> No
         verdict = " ".join(headlines) or "no verdict: the task has no per-example correctness to compare"
         (output / "compare" / "verdict.txt").write_text(verdict, encoding="utf-8")
     except Exception as exc:  # noqa: BLE001 - the job trained; the report is extra
-        text = " ".join(str(exc).split())[:300]
+        from finesmith.serve.jobs import public_message
+
+        text = public_message(" ".join(str(exc).split())[:300], store)
         store.add_event(job["id"], f"The comparison could not be made: {type(exc).__name__}: {text}", level="warn",
                         key="compare-failed")
 
