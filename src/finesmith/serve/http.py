@@ -144,7 +144,7 @@ class RequireKey:
         self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path = scope["path"]
+        path = scope.get("path", "")  # lifespan scopes have none
         if scope["type"] == "http" and (path == "/v1" or path.startswith(KEYED_PATHS)):
             if not secrets.compare_digest(bearer_token(dict(scope["headers"]).get(b"authorization", b"")),
                                           self.expected):
