@@ -121,6 +121,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
                        help="reasoning models: train with or without thinking, as `thinking:` in the config")
     check.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
                        help="read field NAME from COLUMN (repeatable), e.g. --field output=answer")
+    check.add_argument("--objective", default="sft", choices=("sft", "grpo"),
+                       help="grpo: check the rows as prompts for reinforcement (a conversation ending in a user "
+                            "turn, or the prompt of an SFT row), the other fields as what rewards and graders read")
     scan = data_sub.add_parser("scan", help="count sensitive data (PII, secrets) by kind with file:line, never the values")
     scan.add_argument("file")
     scan.add_argument("--redact", metavar="OUT", help="write a redacted copy to OUT (the input is left untouched)")
@@ -330,11 +333,39 @@ def cmd_data(args: argparse.Namespace) -> None:
                 data=DataSettings(args.file, args.format, fields)).validate()  # same errors as train
     tokenizer, _ = load_chat_tokenizer(args.model, notify=console.print)
     apply_tool_format(tokenizer, args.tool_format, args.thinking)
+    if args.objective == "grpo":
+        return check_prompt_file(args.file, tokenizer, args.max_length, args.format, fields)
     report = data_check(args.file, tokenizer, args.max_length, args.format, fields, args.truncation,
                         args.eval_data, args.show, console)
     if not report.ok:
         raise FinesmithError(f"{args.file}: not trainable ({len(report.errors)} errors, listed above); fix them "
                              "or train with --skip-invalid")
+
+
+def check_prompt_file(path: str, tokenizer: Any, max_length: int, fmt: str, fields: dict[str, str]) -> None:
+    """`finesmith data check --objective grpo`: every row as a prompt, each problem with its file:line."""
+    from collections import Counter
+
+    from finesmith.core.console import console
+    from finesmith.train.grpo import iter_prompts
+
+    lengths, seen, problems = [], Counter(), []
+    for prompt, problem in iter_prompts(tokenizer, path, fmt, fields, max_length):
+        if problem:
+            problems.append(problem)
+            continue
+        lengths.append(len(prompt.prompt_ids))
+        seen.update(k for k in prompt.fields if k != "reference" or prompt.fields[k] is not None)
+    for problem in problems:
+        console.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+    if lengths:
+        shown = ", ".join(f"item.{k} ({n})" for k, n in seen.most_common()) or "none"
+        console.print(f"{path}: {len(lengths)} prompts, {sum(lengths)} prompt tokens (longest {max(lengths)}, "
+                      f"max_length {max_length}); fields for rewards and graders: {shown}",
+                      markup=False, highlight=False, soft_wrap=True)
+    if problems or not lengths:
+        raise FinesmithError(f"{path}: not usable for grpo ({len(problems)} errors" + (", listed above)" if problems
+                             else ")") + ("; no prompts found" if not lengths else "") + "; fix them and check again")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -28,7 +28,7 @@ saves, so a resumed run samples exactly what the uninterrupted run sampled.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,34 +102,52 @@ def load_prompts(tokenizer: Any, path: str, fmt: str = "auto", fields: dict[str,
                  max_prompt_tokens: int = 1024) -> list[PromptExample]:
     """Prompts from any SFT-shaped file: the conversation up to its last assistant turn; that
     turn (when present) is the `reference` field, the row's other columns are fields too.
-    Rows ending in a user turn (the hosted reinforcement shape) are prompts as they are."""
+    Rows ending in a user turn (the hosted reinforcement shape) are prompts as they are.
+    The first problem is an error naming its `file:line`."""
+    prompts = []
+    for prompt, problem in iter_prompts(tokenizer, path, fmt, fields, max_prompt_tokens):
+        if problem:
+            raise FinesmithError(problem)
+        prompts.append(prompt)
+    return prompts
+
+
+def iter_prompts(tokenizer: Any, path: str, fmt: str = "auto", fields: dict[str, str] | None = None,
+                 max_prompt_tokens: int = 1024) -> Iterator[tuple[PromptExample | None, str | None]]:
+    """`(prompt, None)` for each prompt of `path`, `(None, problem)` for each row that is not one
+    (`finesmith data check --objective grpo` lists them all; training stops at the first)."""
     from finesmith.data.formats import Example
     from finesmith.data.tokenize import prompt_ids
 
-    prompts = []
     for record, example, problem in parse_prompt_records(path, fmt, fields):
         if problem:
-            raise FinesmithError(problem)
+            yield None, problem
+            continue
         if example is None:
             continue
         if not isinstance(example, Example):
-            raise FinesmithError(f"{example.source}: objective grpo needs prompts (chat, prompt/completion or "
-                                 "instruction rows), not text or preference pairs")
+            yield None, (f"{example.source}: objective grpo needs prompts (chat, prompt/completion or "
+                         "instruction rows), not text or preference pairs")
+            continue
         messages = list(example.messages)
         reference = None
         if messages and messages[-1].get("role") == "assistant":
             reference = example.answer
             messages = messages[:-1]
-        ids = prompt_ids(tokenizer, messages, tools=example.tools)
+        try:
+            ids = prompt_ids(tokenizer, messages, tools=example.tools)
+        except Exception as exc:  # the chat template's own refusal
+            yield None, f"{example.source}: the model's chat template refused this conversation: {exc}"
+            continue
         if len(ids) > max_prompt_tokens:
-            raise FinesmithError(f"{example.source}: the prompt has {len(ids)} tokens, over max_length "
-                                 f"{max_prompt_tokens}; shorten it or raise max_length")
+            yield None, (f"{example.source}: the prompt has {len(ids)} tokens, over max_length "
+                         f"{max_prompt_tokens}; shorten it or raise max_length")
+            continue
         row = record.row if isinstance(record.row, dict) else {}
         extra = {k: v for k, v in row.items() if k not in ("messages", "conversations", "prompt", "completion")
                  and k.isidentifier()}
         user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-        prompts.append(PromptExample(tuple(ids), str(user or ""), {**extra, "reference": reference}, example.source))
-    return prompts
+        yield PromptExample(tuple(ids), str(user or ""), {**extra, "reference": reference}, example.source), None
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
