@@ -33,13 +33,13 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from serving import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "lm_eval_serve.json"
@@ -138,31 +138,6 @@ def ensure_venv(venv: Path) -> Path:
     return venv / "bin" / "lm_eval"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(home: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FINESMITH_HOME": str(home)}
-    log = open(home / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "finesmith", "serve", MODEL, "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=home)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"finesmith serve exited with {proc.returncode}; see {home / 'serve.log'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc, port
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("finesmith serve did not start in 300 s")
-
-
 def direct_scores(rows: list[dict], tokenizer_dir: str) -> list[list[float]]:
     """The log-likelihood of each sentiment choice of each row by a direct forward of the model (no server)."""
     import torch
@@ -210,7 +185,7 @@ def main() -> None:
         (tasks / "capitals.yaml").write_text(CAPITALS_TASK.format(data=work / "capitals.jsonl"))
         home = work / "home"
         home.mkdir()
-        proc, port = start_server(home)
+        proc, port = start_server(ROOT, home, MODEL)
         command = [str(lm_eval), "--model", "local-completions", "--model_args",
                    f"model={MODEL},base_url=http://127.0.0.1:{port}/v1/completions",
                    "--tasks", "finesmith_sentiment,finesmith_capitals", "--include_path", str(tasks),
@@ -222,8 +197,7 @@ def main() -> None:
         try:
             run = subprocess.run(command, env=env, capture_output=True, text=True)
         finally:
-            proc.terminate()
-            proc.wait(60)
+            stop_server(proc)
         seconds = time.monotonic() - began
         print(run.stdout[-4000:])
         if run.returncode != 0:

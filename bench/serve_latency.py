@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,15 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serving import start_server, stop_server
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve_latency.json"
 MODEL = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def git_head(tree: Path) -> str:
@@ -46,24 +41,6 @@ def git_head(tree: Path) -> str:
         return out.stdout.strip() + (" +changes" if dirty else "")
     except OSError:
         return "unknown"
-
-
-def start(tree: Path, home: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "FINESMITH_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "finesmith", "serve", MODEL, "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=home)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server from {tree} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc, port
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"the server from {tree} did not start in 300 s")
 
 
 def chat(port: int, question: str, tokens: int) -> tuple[float, str]:
@@ -103,7 +80,7 @@ def main() -> None:
             for name, tree in trees.items():
                 home = Path(tmp) / name
                 home.mkdir()
-                servers[name] = start(tree, home)
+                servers[name] = start_server(tree, home, MODEL, {"OMP_NUM_THREADS": "1"})
             chats = {name: [] for name in trees}
             checks = {name: [] for name in trees}
             mismatches = 0
@@ -120,12 +97,7 @@ def main() -> None:
                 mismatches += answers["after"] != answers["before"]
         finally:
             for proc, _ in servers.values():
-                proc.terminate()
-            for proc, _ in servers.values():
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc)
     result = {
         "command": "python bench/serve_latency.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"), "device": f"cpu, {os.cpu_count()} cores ({platform.machine()})",
