@@ -126,8 +126,26 @@ def test_eight_adapters_share_one_base(tiny_model: str, runs: list[Path]) -> Non
         registry.close()
 
 
-def test_runs_that_cannot_share_get_their_own_engine(tiny_model: str, runs: list[Path]) -> None:
-    registry = ModelRegistry(max_adapters=0)  # sharing off: every fine-tune merged, as before
+@pytest.mark.parametrize("override", ["lora.use_dora=true", "lora.modules_to_save=[embed_tokens]"])
+def test_adapters_peft_cannot_mix_get_their_own_merged_engine(override: str, tiny_model: str, runs: list[Path],
+                                                                 tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in QA])
+    assert main(["train", "--model", tiny_model, "--data", data, "--method", "lora", "--output", str(tmp_path / "run"),
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "5e-2", override]) == 0
+    registry = ModelRegistry()
+    registry.add(str(tmp_path / "run"), "own")
+    registry.add(str(runs[0]), "shared")
+    try:
+        own, shared = registry.engine("own"), registry.engine("shared")
+        assert not isinstance(own, AdapterView) and not hasattr(own.model, "peft_config")
+        assert isinstance(shared, AdapterView) and len(registry.loaded()) == 2
+        assert answer(own, PROMPTS[0]) == answer(load_engine(str(tmp_path / "run"), "cpu"), PROMPTS[0])
+    finally:
+        registry.close()
+
+
+def test_no_sharing_with_max_adapters_0(runs: list[Path]) -> None:
+    registry = ModelRegistry(max_adapters=0)  # every fine-tune merged into its own model, as before
     registry.add(str(runs[0]), "ft:0")
     try:
         engine = registry.engine("ft:0")

@@ -24,8 +24,10 @@ distinct adapters; requests for more wait for the next batch.
 
 What gets its own engine (merged, as before): full-weight runs, exported or `.gguf` models,
 QLoRA runs (their base is the dequantised 4-bit one), and adapters that peft cannot mix in a
-batch: DoRA, IA3, prompt and prefix tuning, and LoRA variants on layers without a mixed-batch
-forward. `max_adapters=0` turns sharing off altogether.
+batch: DoRA, IA3, prompt and prefix tuning, LoRA variants on layers without a mixed-batch
+forward, and LoRA runs that trained modules in full (`lora.modules_to_save`, e.g. embeddings
+for added tokens: peft 0.21's mixed-batch forward of those copies fails with tied
+embeddings). `max_adapters=0` turns sharing off altogether.
 """
 
 from __future__ import annotations
@@ -104,8 +106,11 @@ def mixable(folder: Path) -> bool:
     if not config_file.is_file():
         return False
     config = json.loads(config_file.read_text(encoding="utf-8"))
+    # Modules trained as full copies (`modules_to_save`, e.g. the embeddings for added tokens) are
+    # left out: peft 0.21's mixed-batch forward of such a copy fails when the embeddings are tied.
     return (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("layer_replication")
-            and not config.get("alora_invocation_tokens") and not config.get("use_qalora"))
+            and not config.get("alora_invocation_tokens") and not config.get("use_qalora")
+            and not config.get("modules_to_save") and not config.get("trainable_token_indices"))
 
 
 def _base_spec(spec: str) -> SharedSpec | None:
