@@ -152,3 +152,35 @@ def test_no_sharing_with_max_adapters_0(runs: list[Path]) -> None:
         assert not isinstance(engine, AdapterView) and not hasattr(engine.model, "peft_config")
     finally:
         registry.close()
+
+
+def test_the_api_lists_and_answers_every_fine_tune_of_one_base(tiny_model: str, runs: list[Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from finesmith.serve.http import allowed_host_list
+    from finesmith.serve.server import build_app
+
+    registry = ModelRegistry()
+    registry.add(tiny_model, "base")
+    names = [registry.add(str(r), f"ft:tiny:finesmith:{i}") for i, r in enumerate(runs[:3])]
+    names += registry.add_checkpoints(runs[0], names[0])
+    app = build_app(registry, allowed_hosts=allowed_host_list("127.0.0.1", 8000))
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    try:
+        listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert listed == ["base"] + names
+
+        def ask(name: str) -> str:
+            body = {"model": name, "messages": PROMPTS[1], "max_tokens": TOKENS, "temperature": 0}
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(len(listed)) as pool:  # at once: they batch together on the one worker
+            together = list(pool.map(ask, listed))
+        assert together == [ask(name) for name in listed]
+        assert len(registry.loaded()) == 1
+    finally:
+        registry.close()
