@@ -184,3 +184,26 @@ def test_the_api_lists_and_answers_every_fine_tune_of_one_base(tiny_model: str, 
         assert len(registry.loaded()) == 1
     finally:
         registry.close()
+
+
+def test_echoed_prompt_logprobs_are_the_adapters(tiny_model: str, runs: list[Path]) -> None:
+    registry = ModelRegistry()
+    registry.add(tiny_model, "base")
+    registry.add(str(runs[1]), "ft:1")
+    merged = load_engine(str(runs[1]), "cpu")
+    try:
+        registry.engine("base")
+        view = registry.engine("ft:1")
+
+        def prompt_logprobs(engine) -> list[float]:
+            generation = engine.generate(engine.text_ids("The sky is blue and the grass is green."),
+                                         Sampling(0, echo=True, logprobs=1))
+            generation.text()
+            return [r.logprob for r in generation.prompt_records[1:]]
+
+        shared, alone = prompt_logprobs(view), prompt_logprobs(merged)
+        assert shared == pytest.approx(alone, abs=1e-4)
+        assert prompt_logprobs(registry.engine("base")) != pytest.approx(alone, abs=1e-4)
+    finally:
+        registry.close()
+        merged.close()

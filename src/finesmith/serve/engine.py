@@ -13,6 +13,10 @@ A full queue refuses new requests at once (`EngineBusy`) instead of letting them
 A consumer that goes away cancels its generation: a running one stops at the next token,
 a waiting one is skipped. `close()` refuses new work, fails everything still waiting and
 gives the running request a short grace before stopping it, so a server can exit promptly.
+
+Several served names may share one engine: LoRA fine-tunes of one base are views
+(`finesmith.serve.adapters.AdapterView`) that queue on the base's `SharedBase` engine, each
+request keeping its view's tokenizer and stop tokens and running on its view's adapter.
 """
 
 from __future__ import annotations
