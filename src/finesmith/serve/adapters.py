@@ -103,8 +103,9 @@ def shared_spec(spec: str) -> SharedSpec | None:
 def mixable(folder: Path) -> bool:
     """Whether the adapter in `folder` is a LoRA that peft can mix with others in one batch."""
     config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        return False
+    weights = ("adapter_model.safetensors", "adapter_model.bin")
+    if not config_file.is_file() or not any((folder / name).is_file() for name in weights):
+        return False  # load_engine says what is missing
     config = json.loads(config_file.read_text(encoding="utf-8"))
     # Modules trained as full copies (`modules_to_save`, e.g. the embeddings for added tokens) are
     # left out: peft 0.21's mixed-batch forward of such a copy fails when the embeddings are tied.
