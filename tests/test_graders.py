@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from finesmith.graders import (ERROR_FLAGS, GraderError, PythonLimits, grade, no_errors, reward_from_grader,
-                               reward_function, validate)
 from finesmith.graders import formula
+from finesmith.graders.grading import grade, validate
+from finesmith.graders.python_grader import PythonLimits
+from finesmith.graders.result import ERROR_FLAGS, GraderError, no_errors
+from finesmith.graders.reward import reward_from_grader, reward_function
 from finesmith.graders.similarity import fuzzy_ratio, lcs_length, wordnet_available
 from finesmith.graders.templates import render, sample_namespace
 

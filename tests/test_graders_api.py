@@ -11,7 +11,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from finesmith.graders import ERROR_FLAGS, PythonLimits
+from finesmith.graders.python_grader import PythonLimits
+from finesmith.graders.result import ERROR_FLAGS
 from finesmith.serve.graders_api import add_grader_routes
 from finesmith.serve.http import APIError
 

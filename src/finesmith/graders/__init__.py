@@ -9,13 +9,9 @@
 Grader types: string_check, text_similarity, python (sandboxed: `python_grader`), score_model
 and label_model (a judge this server serves, through an injected `chat`), multi (a formula over
 sub-graders, parsed safely: `formula`). Templates: `templates`.
+
+`validate`, `grade` and `uses_models` live in `grading`, `reward_from_grader` and
+`reward_function` in `reward`, `GradeResult`, `GraderError` and the error flags in `result`,
+`PythonLimits` in `python_grader`: import them from there (this package's `__init__` imports
+nothing, so its modules can import each other without a cycle).
 """
-
-from finesmith.graders.grading import TYPES, grade, uses_models, validate
-from finesmith.graders.python_grader import DEFAULT_LIMITS, PythonLimits, sandbox_report
-from finesmith.graders.result import ERROR_DETAILS, ERROR_FLAGS, GradeResult, GraderError, no_errors
-from finesmith.graders.reward import reward_from_grader, reward_function
-
-__all__ = ["DEFAULT_LIMITS", "ERROR_DETAILS", "ERROR_FLAGS", "GradeResult", "GraderError", "PythonLimits", "TYPES",
-           "grade", "no_errors", "reward_from_grader", "reward_function", "sandbox_report", "uses_models",
-           "validate"]

@@ -12,8 +12,11 @@ import time
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from finesmith.graders import formula as formulas
-from finesmith.graders import model_graders, python_grader, similarity, string_check
+import finesmith.graders.formula as formulas
+import finesmith.graders.model_graders as model_graders
+import finesmith.graders.python_grader as python_grader
+import finesmith.graders.similarity as similarity
+import finesmith.graders.string_check as string_check
 from finesmith.graders.model_graders import Chat
 from finesmith.graders.python_grader import DEFAULT_LIMITS, PythonLimits
 from finesmith.graders.result import GradeResult, GraderError, GradingFailure, add_usage

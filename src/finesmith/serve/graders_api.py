@@ -25,9 +25,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, StrictStr
 
-from finesmith.graders import GraderError, PythonLimits, grade, uses_models, validate
+from finesmith.graders.grading import grade, uses_models, validate
 from finesmith.graders.model_graders import Chat
-from finesmith.graders.python_grader import DEFAULT_LIMITS
+from finesmith.graders.python_grader import DEFAULT_LIMITS, PythonLimits
+from finesmith.graders.result import GraderError
 from finesmith.graders.similarity import Embed
 from finesmith.serve.http import APIError, json_body, parse
 

@@ -760,7 +760,8 @@ def job_grader(grader: Any, registry: ModelRegistry) -> dict[str, Any]:
     a model this server serves, asked by the training process while this server also serves it;
     grade with them through `/v1/fine_tuning/alpha/graders/run` instead.
     """
-    from finesmith.graders import GraderError, uses_models, validate
+    from finesmith.graders.grading import uses_models, validate
+    from finesmith.graders.result import GraderError
 
     param = "method.reinforcement.grader"
     if grader is None:

@@ -117,7 +117,8 @@ def grader_reward(grader: dict[str, Any], weight: float = 1.0, timeout: float = 
     """A Reward grading with `grader` (see the module docstring): python graders get `timeout`
     seconds a call; a failed grading raises `GradingFailed` (`on_error: fail`) or scores 0 (`zero`,
     reported to `log`)."""
-    from finesmith.graders import DEFAULT_LIMITS, reward_from_grader
+    from finesmith.graders.python_grader import DEFAULT_LIMITS
+    from finesmith.graders.reward import reward_from_grader
 
     def failed(message: str) -> None:
         prefix = f"grader {grader['name']}:"
@@ -146,7 +147,7 @@ def check_grader(spec: Any, param: str) -> dict[str, Any]:
     Raises:
         FinesmithError: the grader is invalid (naming the field), or calls a judge model.
     """
-    from finesmith.graders import uses_models, validate
+    from finesmith.graders.grading import uses_models, validate
 
     grader = validate(spec, param=param)
     if uses_models(grader):
