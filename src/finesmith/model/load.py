@@ -201,12 +201,41 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 
     from finesmith.model.attention import has_sliding_window, use_packed_attention
 
+    if _is_adapter_run(spec):
+        return _merged_adapter_run(Path(spec), device, dtype)
     path, gguf_file = resolve_model_path(spec)
     model = _from_pretrained(AutoModelForCausalLM, spec, path, gguf_file,
                              dtype=dtype, attn_implementation="sdpa")
     if has_sliding_window(model):
         use_packed_attention(model)
     return model.to(device)
+
+
+def _is_adapter_run(spec: str) -> bool:
+    folder = Path(spec)
+    return folder.is_dir() and (folder / "run.json").is_file() and (folder / "adapter_config.json").is_file()
+
+
+def _merged_adapter_run(folder: Path, device: str, dtype: torch.dtype) -> Any:
+    """An adapter run as a plain model: its base (resized to the run's vocabulary) with the
+    adapter merged in, so that a run can be the base of another run (`--model RUN`, a job on
+    an `ft:` model) and train on what that run learned. (transformers alone would attach the
+    adapter under peft's default name, which the next adapter method then replaces.)"""
+    from peft import PeftModel
+
+    from finesmith.run import load_run
+
+    run = load_run(folder)
+    if (run.record.method_name or "") in ("prompt_tuning", "prefix_tuning", "qlora"):
+        raise FinesmithError(f"{folder}: a {run.record.method_name} run cannot be the base of another run here "
+                             f"(its adapter does not fold into the weights on this machine); export it first with "
+                             f"`finesmith export {folder} --format hf` and start from the exported folder")
+    base = load_model(run.base_spec, device, torch.float32)
+    vocab = int((run.record.tokenizer or {}).get("vocab_size") or 0)
+    if vocab:
+        resize_embeddings(base, vocab)
+    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    return merged.to(device=device, dtype=dtype)
 
 
 def _from_pretrained(cls: Any, spec: str, path: str, gguf_file: str | None, **kwargs: Any) -> Any:
