@@ -778,16 +778,22 @@ def job_grader(grader: Any, registry: ModelRegistry) -> dict[str, Any]:
     return checked
 
 
+# reinforcement jobs only: how answers are sampled, (lowest, highest, whole number)
+SAMPLING_SETTINGS = {"temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, False), "max_new_tokens": (1, 4096, True)}
+
+
 def extension(value: Any, kind: str) -> dict[str, Any]:
     """finesmith's own job settings, `method.<type>.finesmith`: `method` (lora | full | auto: the
-    advisor chooses when the job starts) and `max_steps` (stop after this many optimizer steps)."""
+    advisor chooses when the job starts), `max_steps` (stop after this many optimizer steps) and,
+    for reinforcement jobs, how answers are sampled: `temperature`, `top_p`, `max_new_tokens`."""
     param = f"method.{kind}.finesmith"
     if not isinstance(value, dict):
         raise api_error(400, f"{param} must be an object, e.g. {{\"method\": \"lora\"}}", param)
+    known = ("method", "max_steps", *(SAMPLING_SETTINGS if kind == "reinforcement" else ()))
     for key in value:
-        if key not in ("method", "max_steps"):
-            raise api_error(400, f"{param}.{key} is not a finesmith job setting; known: method, max_steps",
-                            f"{param}.{key}")
+        if key not in known:
+            raise api_error(400, f"{param}.{key} is not a finesmith setting of a {kind} job; known: "
+                                 f"{', '.join(known)}", f"{param}.{key}")
     out = {"method": value.get("method", "lora")}
     if out["method"] not in EXTENSION_METHODS:
         raise api_error(400, f"{param}.method must be one of {', '.join(EXTENSION_METHODS)}, got {out['method']!r}",
@@ -798,6 +804,17 @@ def extension(value: Any, kind: str) -> dict[str, Any]:
             raise api_error(400, f"{param}.max_steps must be a whole number from 1, got {steps!r}",
                             f"{param}.max_steps")
         out["max_steps"] = steps
+    for key, (low, high, whole) in SAMPLING_SETTINGS.items():
+        if key not in value:
+            continue
+        number = value[key]
+        ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+        if not ok or not (low <= number <= high if whole else low < number <= high) or \
+                (whole and not float(number).is_integer()):
+            kind_text = "a whole number" if whole else "a number"
+            raise api_error(400, f"{param}.{key} must be {kind_text} in {'[' if whole else '('}{low:g}, {high:g}], "
+                                 f"got {number!r}", f"{param}.{key}")
+        out[key] = int(number) if whole else float(number)
     return out
 
 

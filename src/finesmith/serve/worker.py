@@ -90,6 +90,10 @@ def reinforcement_config(config: dict[str, Any], job: dict[str, Any]) -> None:
                             "grader_errors": "fail"}})
     if os.environ.get("FINESMITH_RL_MAX_NEW_TOKENS"):  # tests: short answers on a tiny model
         config["grpo"]["max_new_tokens"] = int(os.environ["FINESMITH_RL_MAX_NEW_TOKENS"])
+    extension = job["method"].get("finesmith") or {}
+    for key in ("temperature", "top_p", "max_new_tokens"):  # finesmith's own sampling settings
+        if key in extension:
+            config["grpo"][key] = extension[key]
     if params.get("eval_interval", "auto") != "auto" and config.get("eval_data"):
         config["eval_every"] = params["eval_interval"]
     effort = params.get("reasoning_effort", "auto")
