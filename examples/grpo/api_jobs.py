@@ -14,13 +14,12 @@ of the hosted fine-tuning service would:
    `python` grader equal to `rewards.py:correct` and a `python` grader for the bare format
    (the CLI's `regex:Order: \\d+`; `string_check` has no regex operation), combined as
    `correct + 0.25 * format` (the CLI's weights 1 and 0.25); batch 4 prompts ×
-   `compute_multiplier` 1 (4 answers per prompt), 30 steps (`finesmith.max_steps`).
-   The job takes the supervised job's `ft:` model as its `model`, but trains the base: its
-   new LoRA adapter replaces the SFT adapter (both are PEFT's `default`), so its step-0
-   held-out reward is the base model's 0.0 (`--rl-on ft` shows it). So by default the
-   script does what the CLI's staged config does between stages: it merges the SFT job's
-   run (`finesmith export --format hf`), restarts the server on the same home serving that
-   folder too, and fine-tunes it;
+   `compute_multiplier` 1 (4 answers per prompt), 30 steps, and the CLI demo's sampling
+   (temperature 0.7, top-p 0.9, at most 16 new tokens), both through finesmith's own job
+   settings (`method.reinforcement.finesmith`). The job's `model` is the supervised job's
+   `ft:` model: it trains on top of the SFT run (`--rl-on merged` instead merges the SFT run
+   with `finesmith export --format hf`, restarts the server serving that folder too, and
+   fine-tunes it, as the CLI's staged config does between stages);
 4. prints each job's events as they come (the reward per step);
 5. measures the base, the SFT `ft:` model and the final `ft:` model on the 80 held-out
    prompts through `/v1/chat/completions` (greedy: temperature 0, 32 tokens, as
@@ -30,10 +29,9 @@ of the hosted fine-tuning service would:
     python examples/grpo/api_jobs.py                    # starts `finesmith serve` itself (home: runs/grpo_api/home)
     python examples/grpo/api_jobs.py --base-url http://127.0.0.1:8000/v1 --api-key KEY   # a running server
 
-What the jobs API cannot say, and so differs from `sft_grpo.yaml`: the sampling temperature
-and top-p (a reinforcement job samples at finesmith's defaults, 1.0 and 1.0; the CLI demo
-uses 0.7 and 0.9) and the longest sampled answer (256 tokens in a job; the server this
-script starts gets `FINESMITH_RL_MAX_NEW_TOKENS=16`, the CLI demo's `max_new_tokens`).
+The hosted API has no sampling settings for reinforcement jobs (they sample at 1.0 and 1.0,
+where this small model's answers rarely score: see the README), so the script sets the CLI
+demo's through `method.reinforcement.finesmith`.
 """
 
 from __future__ import annotations
@@ -119,12 +117,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(home: Path, models: list[str], rl_max_new_tokens: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(home: Path, models: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "FINESMITH_HOME": str(home)}
-    if rl_max_new_tokens:
-        env["FINESMITH_RL_MAX_NEW_TOKENS"] = str(rl_max_new_tokens)
     finesmith = Path(sys.executable).parent / "finesmith"
     server = subprocess.Popen([str(finesmith), "serve", *models, "--port", str(port)], env=env,
                               stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -215,12 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=30, help="GRPO steps (the CLI demo: 30)")
     parser.add_argument("--heldout-limit", type=int, help="measure on the first N held-out prompts only (smoke)")
     parser.add_argument("--rl-max-new-tokens", type=int, default=16,
-                        help="FINESMITH_RL_MAX_NEW_TOKENS of the server started here (the CLI demo's 16; 0: the job default)")
+                        help="longest sampled answer of the reinforcement job (the CLI demo's 16)")
     parser.add_argument("--workers", type=int, default=8, help="concurrent chat requests while measuring")
     parser.add_argument("--output", type=Path, default=HERE / "api_results.json")
-    parser.add_argument("--rl-on", choices=("merged", "ft"), default="merged",
-                        help="the reinforcement job's model: the SFT run merged and served (default), or the SFT "
-                             "job's ft: model as is (whose adapter the job's new LoRA replaces: it trains the base)")
+    parser.add_argument("--rl-on", choices=("ft", "merged"), default="ft",
+                        help="the reinforcement job's model: the SFT job's ft: model (default), or the SFT run "
+                             "merged by `finesmith export` and served (what the CLI's staged config does)")
     parser.add_argument("--label", default="", help="a note stored in the results (e.g. 'smoke')")
     args = parser.parse_args(argv)
 
@@ -233,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         base_url = args.base_url
     else:
         home = args.home.resolve()
-        server, base_url = start_server(home, [args.model], args.rl_max_new_tokens, work / "server.log")
+        server, base_url = start_server(home, [args.model], work / "server.log")
         print(f"finesmith serve {args.model} at {base_url} (FINESMITH_HOME={home}, log {work / 'server.log'})",
               flush=True)
     client = OpenAI(base_url=base_url, api_key=args.api_key, timeout=600)
@@ -255,18 +251,15 @@ def main(argv: list[str] | None = None) -> None:
 
         rl_model = sft.fine_tuned_model
         if args.rl_on == "merged":
-            # A reinforcement job on the `ft:` model itself trains a fresh LoRA that replaces the SFT adapter
-            # (both are PEFT's `default` adapter): its step-0 held-out reward is the base model's. So, as the
-            # CLI's staged config does, the SFT run is merged into a plain model folder, which the server then
-            # serves (a restart on the same home: files, jobs and `ft:` models stay) and fine-tunes.
+            # As the CLI's staged config does, the SFT run is merged into a plain model folder, which the server
+            # then serves (a restart on the same home: files, jobs and `ft:` models stay) and fine-tunes.
             if server is None:
                 raise SystemExit("--rl-on merged needs the server this script starts (drop --base-url, or --rl-on ft)")
             merged = work / "grpo-sft-merged"
             stop_server(server)
             subprocess.run([str(Path(sys.executable).parent / "finesmith"), "export", str(home / "jobs" / sft.id / "run"),
                             "--format", "hf", "--output", str(merged), "--overwrite"], check=True)
-            server, base_url = start_server(home, [args.model, str(merged)], args.rl_max_new_tokens,
-                                            work / "server.log")
+            server, base_url = start_server(home, [args.model, str(merged)], work / "server.log")
             client = OpenAI(base_url=base_url, api_key=args.api_key, timeout=600)
             rl_model = next(m.id for m in client.models.list().data if m.id == merged.name)
             print(f"restarted the server on the same home, serving {args.model} and {rl_model} "
@@ -281,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                 "hyperparameters": {"n_epochs": 1, "batch_size": 4, "compute_multiplier": 1,
                                     "learning_rate_multiplier": multiplier, "eval_interval": args.max_steps,
                                     "eval_samples": 1},
-                "finesmith": {"method": "lora", "max_steps": args.max_steps}}})
+                "finesmith": {"method": "lora", "max_steps": args.max_steps, "temperature": 0.7, "top_p": 0.9,
+                              "max_new_tokens": args.rl_max_new_tokens}}})
         print(f"reinforcement job {rl.id} on {rl_model}", flush=True)
         rl = wait(client, rl.id, 7200)
         if rl.status != "succeeded":
@@ -306,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             "date": started_at.isoformat(timespec="seconds"),
             "device": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
             "server": "started by this script" if server else base_url,
-            "env": {"FINESMITH_RL_MAX_NEW_TOKENS": args.rl_max_new_tokens} if server else None,
+            "sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": args.rl_max_new_tokens},
             "reinforcement_model": rl_model, "rl_on": args.rl_on,
             "jobs": {"sft": {"id": sft.id, "fine_tuned_model": sft.fine_tuned_model,
                              "hyperparameters": sft.hyperparameters.model_dump() if sft.hyperparameters else None,
