@@ -30,3 +30,12 @@ def test_sampling_settings_out_of_range_or_on_other_jobs_are_a_400_naming_the_fi
     with pytest.raises(APIError) as refused:
         extension(value, kind)
     assert refused.value.status == 400 and refused.value.param == f"method.{kind}.finesmith.{param}"
+
+
+def test_a_fine_tune_of_a_fine_tune_is_named_after_the_original_base():
+    from finesmith.serve.jobs import fine_tuned_name
+
+    job = {"id": "ftjob-d066e7f2c786bacee4196eb2", "suffix": "grpo"}
+    assert fine_tuned_name({**job, "model": "smollm2-135m-instruct"}) == "ft:smollm2-135m-instruct:grpo:d066e7f2"
+    assert fine_tuned_name({**job, "model": "ft:smollm2-135m-instruct:grpo-sft:354de38c"}) == \
+        "ft:smollm2-135m-instruct:grpo:d066e7f2"

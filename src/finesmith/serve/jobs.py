@@ -393,8 +393,10 @@ def step_metrics_csv(metrics: Path, reinforcement: bool = False) -> tuple[str, i
 
 
 def fine_tuned_name(job: dict[str, Any]) -> str:
-    """`ft:BASE:SUFFIX:ID`, the hosted API's naming (the suffix defaults to `finesmith`)."""
-    return f"ft:{job['model']}:{job['suffix'] or 'finesmith'}:{job['id'].split('-')[-1][:8]}"
+    """`ft:BASE:SUFFIX:ID`, the hosted API's naming (the suffix defaults to `finesmith`). A job on
+    a fine-tuned model names the original base, as the hosted API does (`ft:BASE:...`, not `ft:ft:...`)."""
+    base = job["model"].split(":")[1] if job["model"].startswith("ft:") else job["model"]
+    return f"ft:{base}:{job['suffix'] or 'finesmith'}:{job['id'].split('-')[-1][:8]}"
 
 
 def resolved_hyperparameters(job: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
