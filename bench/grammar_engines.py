@@ -155,14 +155,9 @@ def bench_xgrammar(tokenizer: Any, ids: list[int]) -> dict[str, Any]:
 
 def byte_vocabulary(tokenizer: Any) -> dict[bytes, list[int]]:
     """Each token's bytes, for a byte-level BPE tokenizer (GPT-2's byte-to-character table reversed)."""
-    table = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(table), 0
-    for b in range(256):
-        if b not in table:
-            table.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    decode = {chr(c): b for b, c in zip(table, chars)}
+    from finesmith.serve.logprobs import byte_decoder
+
+    decode = byte_decoder()
     out: dict[bytes, list[int]] = {}
     for token, index in tokenizer.get_vocab().items():
         if index == tokenizer.eos_token_id or token in tokenizer.all_special_tokens:

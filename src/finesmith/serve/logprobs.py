@@ -21,7 +21,7 @@ from finesmith.serve.batch import TokenLogprob
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet: the character each byte is written as, reversed."""
     table = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = list(table), 0
@@ -52,7 +52,7 @@ class TokenText:
         if isinstance(piece, str):
             if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
                 return [int(piece[3:5], 16)]
-            decoder = _byte_decoder()
+            decoder = byte_decoder()
             if "\ufffd" in text and all(c in decoder for c in piece):
                 return [decoder[c] for c in piece]
         return list(text.encode("utf-8"))
